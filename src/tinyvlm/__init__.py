@@ -1,0 +1,59 @@
+"""tinyvlm: small vision-language models in plain PyTorch.
+
+``import tinyvlm`` is cheap: the registry and errors are torch-free, and everything that needs torch is
+imported on first use (PEP 562 module ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from tinyvlm.errors import ConfigError, DataError, HubError, TinyVLMError, UnknownModelError, WeightsError
+from tinyvlm.registry import ModelSpec, get_spec, list_models, register_family, register_model
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_encoder": "tinyvlm.factory",
+    "build_decoder": "tinyvlm.factory",
+    "build_projector": "tinyvlm.factory",
+    "build_vlm": "tinyvlm.vlm",
+    "load_vlm": "tinyvlm.vlm",
+    "VLM": "tinyvlm.vlm",
+    "VLMConfig": "tinyvlm.vlm",
+    "load_tokenizer": "tinyvlm.tokenizer",
+    "Tokenizer": "tinyvlm.tokenizer",
+    "train": "tinyvlm.training",
+}
+
+__all__ = [
+    "__version__",
+    "TinyVLMError",
+    "UnknownModelError",
+    "ConfigError",
+    "WeightsError",
+    "HubError",
+    "DataError",
+    "ModelSpec",
+    "list_models",
+    "get_spec",
+    "register_family",
+    "register_model",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tinyvlm' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from tinyvlm.factory import build_decoder, build_encoder, build_projector
+    from tinyvlm.tokenizer import Tokenizer, load_tokenizer
+    from tinyvlm.training import train
+    from tinyvlm.vlm import VLM, VLMConfig, build_vlm, load_vlm

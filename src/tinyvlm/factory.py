@@ -1,0 +1,85 @@
+"""``build_encoder`` / ``build_decoder`` / ``build_projector``: from a name to a ready module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tinyvlm.config import Config
+from tinyvlm.errors import ConfigError
+from tinyvlm.hub import Source, model_folder, parse_name, read_config
+from tinyvlm.registry import Family, Kind, family_for_model_type, get_family, load_families
+from tinyvlm.weights import load_checkpoint, safetensors_files
+
+
+def build_encoder(
+    name: str,
+    *,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **overrides: Any,
+):
+    """A vision encoder by zoo key, ``hf-hub:`` repo or ``local-dir:`` folder. ``overrides`` are config fields."""
+    return build_module("encoder", name, pretrained=pretrained, dtype=dtype, device=device, overrides=overrides)
+
+
+def build_decoder(
+    name: str,
+    *,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **overrides: Any,
+):
+    """A language decoder by zoo key, ``hf-hub:`` repo or ``local-dir:`` folder. ``overrides`` are config fields."""
+    return build_module("decoder", name, pretrained=pretrained, dtype=dtype, device=device, overrides=overrides)
+
+
+def build_projector(name: str, *, in_dim: int, out_dim: int, **overrides: Any):
+    """A randomly initialised projector from ``in_dim`` (encoder) to ``out_dim`` (decoder)."""
+    family, config = resolve_config("projector", parse_name(name, "projector"), overrides)
+    return family.build(config.replace(in_dim=in_dim, out_dim=out_dim))
+
+
+def resolve_config(kind: Kind, source: Source, overrides: dict[str, Any]) -> tuple[Family, Config]:
+    """The family and validated config of a name, with ``overrides`` applied."""
+    load_families()
+    if source.spec is not None:
+        family = get_family(source.spec.family)
+        config = source.spec.config
+    else:
+        hf_config = read_config(model_folder(source, weights=False))
+        model_type = hf_config.get("model_type")
+        if not model_type:
+            raise ConfigError(f"{source.name}: config.json has no model_type, so its family is unknown")
+        family = family_for_model_type(model_type, kind)
+        config = family.config_cls.from_hf(hf_config)
+    return family, config.replace(**overrides) if overrides else config
+
+
+def build_module(
+    kind: Kind,
+    name: str,
+    *,
+    pretrained: bool,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    overrides: dict[str, Any],
+) -> nn.Module:
+    """Load ``name``'s weights, or initialise it at random when ``pretrained`` is False or it has none
+    (the ``test-*`` zoo entries)."""
+    source = parse_name(name, kind)
+    family, config = resolve_config(kind, source, overrides)
+    if pretrained and source.has_files:
+        if family.key_map is None:
+            raise ConfigError(f"the {family.name} family has no checkpoints to load; use pretrained=False")
+        files = safetensors_files(model_folder(source, weights=True))
+        with torch.device("meta"):
+            module = family.build(config)
+        return load_checkpoint(module, files, family.key_map(config), dtype=dtype, device=device).eval()
+    with torch.device(device or "cpu"):
+        module = family.build(config)
+    return (module.to(dtype) if dtype is not None else module).eval()

@@ -1,0 +1,1 @@
+"""Projectors: map encoder tokens into the decoder's embedding space."""

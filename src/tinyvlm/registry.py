@@ -1,0 +1,294 @@
+"""The model zoo: families and the checkpoints registered under string keys.
+
+Each family module (``encoders/siglip.py``, ``decoders/gemma3.py``, ...) calls `register_family` once and
+`register_model` for each of its zoo entries, next to its code. Those modules import torch, so listing the
+zoo from them would cost a torch import; instead `list_models` and `get_spec` read ``zoo.json``, an index
+generated from the family modules (``python -m tinyvlm.registry --write``) and checked against them by the
+test suite. Everything in this module is torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from tinyvlm.errors import ConfigError, UnknownModelError
+
+if TYPE_CHECKING:
+    from tinyvlm.config import Config
+    from tinyvlm.weights import KeyMap
+
+Kind = Literal["encoder", "decoder", "projector", "vlm"]
+KINDS: tuple[Kind, ...] = ("encoder", "decoder", "projector", "vlm")
+
+#: The modules that register the built-in families and their zoo entries.
+FAMILY_MODULES: tuple[str, ...] = ()
+
+INDEX_PATH = Path(__file__).with_name("zoo.json")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to validate its config, build its module and read its checkpoints."""
+
+    name: str
+    kind: Kind
+    config_cls: type["Config"]
+    #: Builds the module from a config; called under ``torch.device("meta")`` before loading weights.
+    build: Callable[["Config"], Any]
+    #: How the family's checkpoint keys map onto the module; None when it has no checkpoints to read.
+    key_map: Callable[["Config"], "KeyMap"] | None = None
+    #: The ``model_type`` values of ``config.json`` files this family reads (for ``hf-hub:`` / ``local-dir:``).
+    hf_model_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One zoo entry. ``config`` is the validated family config (a copy you may edit with ``.replace``)."""
+
+    key: str
+    kind: Kind
+    family: str
+    hub_repo: str | None
+    revision: str | None
+    params: int | None
+    dim: int | None
+    license: str
+    gated: bool
+    description: str
+    #: True for VLMs that were trained end to end (load them with `load_vlm`), False for everything else.
+    trained: bool = False
+    config_json: dict[str, Any] = field(default_factory=dict, repr=False, compare=True)
+
+    @property
+    def config(self) -> "Config":
+        return get_family(self.family).config_cls.validate_dict(self.config_json, context=self.key)
+
+    @property
+    def has_weights(self) -> bool:
+        return self.hub_repo is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    family: str
+    config: "Config"
+    hub_repo: str | None
+    revision: str | None
+    license: str
+    gated: bool
+    description: str
+    trained: bool
+
+
+_FAMILIES: dict[str, Family] = {}
+_ENTRIES: dict[str, _Entry] = {}
+_families_loaded = False
+
+
+def register_family(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise ConfigError(f"family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def register_model(
+    key: str,
+    *,
+    family: str,
+    config: "Config",
+    hub_repo: str | None = None,
+    revision: str | None = None,
+    license: str,
+    gated: bool = False,
+    description: str,
+    trained: bool = False,
+) -> None:
+    """Add a zoo entry. Keys are lower-case kebab case and unique across all kinds."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", key):
+        raise ConfigError(f"zoo key {key!r} must be lower-case kebab case (letters, digits, '-', '.')")
+    if key in _ENTRIES:
+        raise ConfigError(f"zoo key {key!r} is already registered (by family {_ENTRIES[key].family!r})")
+    if family not in _FAMILIES:
+        raise ConfigError(f"register family {family!r} before its zoo entry {key!r}")
+    if not isinstance(config, _FAMILIES[family].config_cls):
+        raise ConfigError(f"zoo entry {key!r}: config must be a {_FAMILIES[family].config_cls.__name__}")
+    _ENTRIES[key] = _Entry(key, family, config, hub_repo, revision, license, gated, description, trained)
+
+
+def load_families() -> None:
+    """Import every built-in family module (this imports torch)."""
+    global _families_loaded
+    if not _families_loaded:
+        for module in FAMILY_MODULES:
+            importlib.import_module(module)
+        _families_loaded = True
+
+
+def get_family(name: str) -> Family:
+    load_families()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown family {name!r}; known: {', '.join(sorted(_FAMILIES))}") from None
+
+
+def family_for_model_type(model_type: str, kind: Kind | None = None) -> Family:
+    """The family that reads ``config.json`` files with this ``model_type``."""
+    load_families()
+    for family in _FAMILIES.values():
+        if model_type in family.hf_model_types and (kind is None or family.kind == kind):
+            return family
+    supported = sorted(t for f in _FAMILIES.values() if kind in (None, f.kind) for t in f.hf_model_types)
+    what = f"{kind} " if kind else ""
+    raise ConfigError(
+        f"model_type {model_type!r} is not a supported {what}family; supported model types: {', '.join(supported)}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- listing
+
+
+def list_models(pattern: str | None = None, *, kind: Kind | None = None) -> list[ModelSpec]:
+    """Zoo entries whose key matches the fnmatch ``pattern``, of one ``kind`` if given, naturally sorted."""
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    specs = _all_specs().values()
+    if pattern:
+        specs = [s for s in specs if fnmatch.fnmatchcase(s.key, pattern.lower())]
+    if kind:
+        specs = [s for s in specs if s.kind == kind]
+    return sorted(specs, key=lambda s: _natural_key(s.key))
+
+
+def get_spec(key: str, *, kind: Kind | None = None) -> ModelSpec:
+    """The zoo entry ``key``; `UnknownModelError` suggests the closest keys."""
+    specs = _all_specs()
+    spec = specs.get(key)
+    if spec is not None and (kind is None or spec.kind == kind):
+        return spec
+    raise UnknownModelError(_unknown_message(key, kind, specs))
+
+
+def _unknown_message(key: str, kind: Kind | None, specs: dict[str, ModelSpec]) -> str:
+    what = kind or "model"
+    if key in specs:
+        other = specs[key]
+        return (
+            f"{key!r} is a {other.kind}, not a{'n' if what[0] in 'aeiou' else ''} {what}. "
+            f"Pass it where a {other.kind} is expected (see `tinyvlm list-models --kind {other.kind}`)."
+        )
+    if "/" in key or key.startswith((".", "~")):
+        return (
+            f"{key!r} is not a zoo key. For a Hub repo write 'hf-hub:{key.lstrip('./')}', "
+            f"for a local folder 'local-dir:{key}'."
+        )
+    candidates = [s.key for s in specs.values() if kind is None or s.kind == kind]
+    close = difflib.get_close_matches(key.lower(), candidates, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    listing = f"tinyvlm list-models --kind {kind}" if kind else "tinyvlm list-models"
+    return f"unknown {what} {key!r}.{hint} See `{listing}` for the zoo."
+
+
+def _natural_key(key: str) -> list[Any]:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key) if part]
+
+
+def _all_specs() -> dict[str, ModelSpec]:
+    """The live registry once the family modules are imported, otherwise the torch-free index."""
+    if _families_loaded:
+        return _live_specs()
+    return _read_index()
+
+
+_index_cache: dict[str, ModelSpec] | None = None
+
+
+def _read_index() -> dict[str, ModelSpec]:
+    global _index_cache
+    if _index_cache is None:
+        rows = json.loads(INDEX_PATH.read_text()) if INDEX_PATH.exists() else []
+        _index_cache = {row["key"]: ModelSpec(**row) for row in rows}
+    return _index_cache
+
+
+_live_cache: dict[str, ModelSpec] = {}
+
+
+def _live_specs() -> dict[str, ModelSpec]:
+    index = _read_index()
+    specs = {}
+    for key, entry in _ENTRIES.items():
+        cached = _live_cache.get(key)
+        if cached is None or cached.config_json != entry.config.model_dump(mode="json"):
+            cached = _live_cache[key] = _spec_of(entry, index.get(key))
+        specs[key] = cached
+    return specs
+
+
+def _spec_of(entry: _Entry, indexed: ModelSpec | None) -> ModelSpec:
+    family = _FAMILIES[entry.family]
+    config_json = entry.config.model_dump(mode="json")
+    if indexed is not None and indexed.config_json == config_json:
+        params, dim = indexed.params, indexed.dim
+    else:
+        params, dim = measure(family, entry.config)
+    return ModelSpec(
+        key=entry.key,
+        kind=family.kind,
+        family=entry.family,
+        hub_repo=entry.hub_repo,
+        revision=entry.revision,
+        params=params,
+        dim=dim,
+        license=entry.license,
+        gated=entry.gated,
+        description=entry.description,
+        trained=entry.trained,
+        config_json=config_json,
+    )
+
+
+def measure(family: Family, config: "Config") -> tuple[int | None, int | None]:
+    """Parameter count and output width of a family's module, built on the meta device (no memory)."""
+    if family.kind == "projector":
+        return None, None  # both depend on the encoder and decoder it joins
+    import torch
+
+    with torch.device("meta"):
+        module = family.build(config)
+    params = sum(p.numel() for p in module.parameters())
+    return params, int(module.dim)
+
+
+def write_index() -> int:
+    """Regenerate ``zoo.json`` from the family modules; returns the number of entries."""
+    load_families()
+    rows = [_spec_of(entry, None).to_json() for entry in _ENTRIES.values()]
+    rows.sort(key=lambda row: _natural_key(row["key"]))
+    INDEX_PATH.write_text(json.dumps(rows, indent=1) + "\n")
+    global _index_cache
+    _index_cache = None
+    return len(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python -m tinyvlm.registry --write   (regenerates src/tinyvlm/zoo.json)")
+    from tinyvlm import registry  # the imported module, which the family modules register into
+
+    print(f"wrote {registry.write_index()} entries to {registry.INDEX_PATH}")

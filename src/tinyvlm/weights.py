@@ -1,0 +1,188 @@
+"""Strict safetensors loading into modules built on the meta device.
+
+The checkpoint is checked against the module before any tensor is read: every key of the file is either
+mapped onto a module tensor by the family's `KeyMap` or declared unused by it, every module tensor is
+covered, and every shape matches; otherwise a `WeightsError` lists all the problems at once. Tensors are
+then read one at a time, cast, moved to the device and assigned in place of the meta tensors, so a load
+holds about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from tinyvlm.errors import WeightsError
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How a checkpoint's tensor names map onto a module's state dict.
+
+    ``rename``: ``(pattern, replacement)`` pairs; the first pattern that fully matches a checkpoint key gives
+    the module key (``re`` replacement syntax, e.g. ``(r"model\\.layers\\.(\\d+)\\.(.*)", r"blocks.\\1.\\2")``).
+    ``unused``: patterns of checkpoint keys deliberately not loaded (the SigLIP text tower, say).
+    ``split``: ``(pattern, replacements)`` pairs for a fused tensor that the module keeps as several:
+    it is cut along dim 0 into ``len(replacements)`` equal chunks (nanoVLM's stacked q, k, v).
+    """
+
+    rename: tuple[tuple[str, str], ...]
+    unused: tuple[str, ...] = ()
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def targets(self, key: str) -> tuple[str, ...] | None:
+        """The module keys a checkpoint key fills; ``None`` if declared unused, ``()`` if not mapped at all."""
+        if any(re.fullmatch(pattern, key) for pattern in self.unused):
+            return None
+        for pattern, replacements in self.split:
+            if re.fullmatch(pattern, key):
+                return tuple(re.sub(pattern, r, key) for r in replacements)
+        for pattern, replacement in self.rename:
+            if re.fullmatch(pattern, key):
+                return (re.sub(pattern, replacement, key),)
+        return ()
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder: ``model.safetensors`` or the shards of its index."""
+    import json
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        extra = f" It has {', '.join(pickles)}: tinyvlm reads safetensors only, never pickle." if pickles else ""
+        raise WeightsError(f"no .safetensors file in {folder}.{extra}")
+    return found
+
+
+def load_checkpoint(
+    module: nn.Module,
+    files: list[Path],
+    key_map: KeyMap,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Fill ``module`` (built on the meta device) from safetensors ``files`` through ``key_map``.
+
+    ``dtype=None`` keeps each tensor's stored dtype. Floating tensors are cast before they are moved.
+    """
+    device = torch.device(device or "cpu")
+    expected, aliases = _module_tensors(module)
+    plan, problems = _plan(files, key_map, expected, aliases)
+    if problems:
+        raise WeightsError(f"checkpoint {_describe_files(files)} does not fit {type(module).__name__}:\n" + problems)
+
+    for path, keys in plan.items():
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key, targets in keys:
+                tensor = handle.get_tensor(key)
+                for target, chunk in zip(targets, tensor.chunk(len(targets)) if len(targets) > 1 else [tensor]):
+                    if dtype is not None and chunk.is_floating_point():
+                        chunk = chunk.to(dtype)
+                    _assign(module, aliases[target], chunk.to(device).contiguous())
+                del tensor
+    materialize_buffers(module, device)
+    return module
+
+
+def materialize_buffers(module: nn.Module, device: torch.device) -> None:
+    """Recompute non-persistent buffers (RoPE tables, ...) that were left on the meta device.
+
+    A module that owns such buffers defines ``materialize_buffers(device)``; they are never in checkpoints.
+    """
+    for sub in module.modules():
+        if sub is not module and hasattr(sub, "materialize_buffers"):
+            sub.materialize_buffers(device)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightsError(f"{type(module).__name__} still has uninitialised tensors after loading: {_list(left)}")
+
+
+def _module_tensors(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Persistent tensors by name, and for each one the names that share it (tied weights)."""
+    by_identity: dict[int, list[str]] = defaultdict(list)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        by_identity[id(tensor)].append(name)
+        tensors.setdefault(name, tensor)
+    aliases = {}
+    for names in by_identity.values():
+        for name in names:
+            aliases[name] = names
+    return tensors, aliases
+
+
+def _plan(
+    files: list[Path], key_map: KeyMap, expected: dict[str, torch.Tensor], aliases: dict[str, list[str]]
+) -> tuple[dict[Path, list[tuple[str, tuple[str, ...]]]], str]:
+    plan: dict[Path, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
+    covered: dict[str, str] = {}
+    unexpected, mismatched, duplicated = [], [], []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                targets = key_map.targets(key)
+                if targets is None:
+                    continue
+                unknown = [t for t in targets if t not in expected]
+                if not targets or unknown:
+                    unexpected.append(key)
+                    continue
+                shape = list(handle.get_slice(key).get_shape())
+                if len(targets) > 1:
+                    shape[0] //= len(targets)
+                for target in targets:
+                    want = list(expected[target].shape)
+                    if shape != want:
+                        mismatched.append(f"{key}: checkpoint {shape}, model {want} ({target})")
+                    for name in aliases[target]:
+                        if name in covered:
+                            duplicated.append(f"{name} (from {covered[name]} and {key})")
+                        covered[name] = key
+                plan[path].append((key, targets))
+    missing = [name for name in expected if name not in covered]
+    sections = [
+        ("missing from the checkpoint", missing),
+        ("unexpected in the checkpoint (neither mapped nor declared unused)", unexpected),
+        ("shape mismatches", mismatched),
+        ("filled twice", duplicated),
+    ]
+    problems = "\n".join(f"  {title} ({len(items)}): {_list(items)}" for title, items in sections if items)
+    return plan, problems
+
+
+def _assign(module: nn.Module, names: list[str], value: torch.Tensor) -> None:
+    """Put ``value`` in place of the meta tensor known by ``names`` (several when weights are tied)."""
+    shared: torch.Tensor | None = None
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            if shared is None:
+                shared = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
+            owner._parameters[leaf] = shared
+        else:
+            owner._buffers[leaf] = value
+
+
+def _describe_files(files: list[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+
+
+def _list(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
