@@ -29,7 +29,10 @@ Kind = Literal["encoder", "decoder", "projector", "vlm"]
 KINDS: tuple[Kind, ...] = ("encoder", "decoder", "projector", "vlm")
 
 #: The modules that register the built-in families and their zoo entries.
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = (
+    "tinyvlm.encoders.siglip",
+    "tinyvlm.encoders.dinov3",
+)
 
 INDEX_PATH = Path(__file__).with_name("zoo.json")
 
