@@ -1,0 +1,420 @@
+"""Training data: JSONL records checked up front, encoded examples, batching with padding or packing.
+
+Two record styles are read (image paths are relative to the JSONL file)::
+
+    {"image": "img/1.png", "conversations": [{"from": "human", "value": "<image>\\nColour?"}, {"from": "gpt", "value": "red"}]}
+    {"images": ["a.png", "b.png"], "messages": [{"role": "user", "content": "<image><image>Bigger?"}, {"role": "assistant", "content": "the first"}]}
+
+`read_records` validates every line before training starts and raises one `DataError` that names the file,
+the line and the problem of each bad record (bad JSON, unknown layout, missing or unreadable image, no
+assistant turn, more ``<image>`` tags than images).
+
+Batches come in two layouts. Padded: one sample per row, right-padded. Packed: the samples of a micro-batch
+are placed into as few rows as fit ``max_length`` (first-fit decreasing), and each token may attend only to
+earlier tokens *of its own sample* (a block-diagonal boolean mask, ANDed with the causal rule by the decoder)
+while position ids restart at 0 for every sample, so a packed sample computes exactly what it would alone.
+nanoVLM's packing lets samples attend across their boundaries and continues positions (its issue #201).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from tinyvlm.errors import DataError
+
+IMAGE_TAG = "<image>"
+IGNORE_INDEX = -100
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+MAX_REPORTED_PROBLEMS = 10
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated training record: chat messages (``role`` user / assistant / system) and image paths."""
+
+    messages: tuple[dict[str, str], ...]
+    images: tuple[Path, ...]
+    where: str  # "file.jsonl:LINE", for error messages
+
+    @property
+    def answer(self) -> str:
+        """The last assistant turn (the reference for exact-match accuracy)."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """The conversation up to, not including, the last assistant turn."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return list(self.messages[:last])
+
+
+def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]:
+    """Parse and validate every line of a JSONL file; raise one `DataError` listing the bad records."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: training data file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read the training data file ({error})") from None
+    records: list[Record] = []
+    problems: list[str] = []
+    checked: dict[Path, str | None] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = parse_record(line, base=path.parent, where=where)
+            if check_images:
+                for image in record.images:
+                    if image not in checked:
+                        checked[image] = _image_problem(image)
+                    if checked[image]:
+                        raise DataError(f"{where}: {checked[image]}")
+            records.append(record)
+        except DataError as error:
+            problems.append(str(error))
+    if problems:
+        shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
+        more = len(problems) - MAX_REPORTED_PROBLEMS
+        raise DataError(
+            f"{len(problems)} bad record(s) in {path}: {shown}" + (f"; ... and {more} more" if more > 0 else "")
+            + ". Fix or remove these lines and run again."
+        )
+    if not records:
+        raise DataError(f"{path}: no records (expected one JSON object per line)")
+    return records
+
+
+def parse_record(line: str, *, base: Path, where: str) -> Record:
+    """One JSONL line in either style -> `Record` (images not opened; see `read_records`)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if ("conversations" in obj) == ("messages" in obj):
+        raise DataError(
+            f"{where}: expected exactly one of 'conversations' (LLaVA style) or 'messages' "
+            f"(found keys: {', '.join(sorted(obj)) or 'none'})"
+        )
+    if "conversations" in obj:
+        turns, role_key, content_key = obj["conversations"], "from", "value"
+    else:
+        turns, role_key, content_key = obj["messages"], "role", "content"
+    images = _image_list(obj, where)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: the conversation must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise DataError(f"{where}: turn {i} must be an object with {role_key!r} and {content_key!r}")
+        role = ROLES.get(turn[role_key])
+        if role is None:
+            raise DataError(f"{where}: turn {i} has unknown role {turn[role_key]!r} (expected one of {sorted(ROLES)})")
+        messages.append({"role": role, "content": _text(turn[content_key], where, i)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn, so there is nothing to learn from this record")
+    tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if tags > len(images):
+        raise DataError(f"{where}: {tags} {IMAGE_TAG} tag(s) but {len(images)} image(s)")
+    if 0 < tags < len(images):
+        raise DataError(
+            f"{where}: {len(images)} images but only {tags} {IMAGE_TAG} tag(s): put one tag where each image "
+            "goes, or none to place all images before the text"
+        )
+    return Record(messages=tuple(messages), images=tuple(base / image for image in images), where=where)
+
+
+def _image_list(obj: dict[str, Any], where: str) -> list[str]:
+    images = obj.get("images", [obj["image"]] if "image" in obj else [])
+    if isinstance(images, str):  # LLaVA files sometimes hold one path under "images"
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        raise DataError(f"{where}: 'image' must be a path and 'images' a list of paths")
+    return images
+
+
+def _text(content: Any, where: str, turn: int) -> str:
+    """A turn's text; the OpenAI-style list of parts becomes text with one ``<image>`` tag per image part."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":
+                parts.append(IMAGE_TAG)
+            elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise DataError(f"{where}: turn {turn} has a content part that is neither text nor image: {part!r}")
+        return "".join(parts)
+    raise DataError(f"{where}: turn {turn} content must be a string or a list of parts")
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image, or None. Reads the header only."""
+    if not path.is_file():
+        return f"image {str(path)!r} not found"
+    try:
+        with Image.open(path) as image:
+            if image.width < 1 or image.height < 1:
+                return f"image {str(path)!r} is empty"
+    except (UnidentifiedImageError, OSError) as error:
+        return f"cannot read image {str(path)!r} ({error})"
+    return None
+
+
+def load_image(path: Path) -> Image.Image:
+    """The RGB image at ``path`` (a `DataError` if it became unreadable since validation)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read image {str(path)!r} ({error})") from None
+
+
+def split_records(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded held-out split: ``round(len * val_fraction)`` records (at least one when the fraction is
+    positive), never all of them."""
+    if val_fraction <= 0:
+        return list(records), []
+    count = min(max(1, round(len(records) * val_fraction)), len(records) - 1)
+    if count <= 0:
+        raise DataError(f"{len(records)} record(s) are too few to hold some out; set val_fraction to 0")
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+# ------------------------------------------------------------------------------------------------ examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One encoded record: token ids, labels (-100 outside assistant turns) and the images, in order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+#: ``encode(messages, images) -> (input_ids, labels)``: the processor's conversation encoder.
+Encode = Callable[[list[dict[str, str]], Sequence[Image.Image | None]], tuple[list[int], list[int]]]
+
+
+def encode_records(records: Sequence[Record], encode: Encode, *, max_length: int | None) -> list[Example]:
+    """Encode every record (the text only: image tokens are counted, images are read at batch time).
+    A record longer than ``max_length`` is a `DataError`: cutting it would cut an image or the answer."""
+    examples, too_long = [], []
+    for record in records:
+        input_ids, labels = encode(list(record.messages), [None] * len(record.images))
+        if max_length is not None and len(input_ids) > max_length:
+            too_long.append(f"{record.where} ({len(input_ids)} tokens)")
+            continue
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError(f"{record.where}: encodes to no trainable tokens (empty assistant turns?)")
+        examples.append(Example(list(input_ids), list(labels), record.images))
+    if too_long:
+        shown = ", ".join(too_long[:MAX_REPORTED_PROBLEMS])
+        raise DataError(
+            f"{len(too_long)} record(s) longer than max_length={max_length}: {shown}. "
+            "Raise max_length or shorten these records."
+        )
+    return examples
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+@dataclass
+class Batch:
+    """Model inputs for one micro-batch. ``segments[r, t]`` is the index (within the micro-batch) of the
+    sample token ``t`` of row ``r`` belongs to, -1 for padding."""
+
+    input_ids: Tensor  # [R, T]
+    labels: Tensor  # [R, T]
+    attention_mask: Tensor  # [R, T] (padded) or boolean [R, 1, T, T] (packed)
+    position_ids: Tensor | None  # [R, T], restarting per sample when packed
+    pixel_values: Tensor | None  # [images, 3, H, W] in the order their placeholders appear, row by row
+    segments: Tensor  # [R, T]
+    num_samples: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.segments >= 0).sum())
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
+            move(self.pixel_values), move(self.segments), self.num_samples,
+        )
+
+
+def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """First-fit decreasing: indices of ``lengths`` grouped into bins whose sums are <= ``max_length``.
+    Deterministic (ties keep input order); bins are returned in the order they were opened."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > max_length:
+            raise DataError(f"a sample of {lengths[i]} tokens cannot be packed into max_length={max_length}")
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_length - lengths[i])
+    return bins
+
+
+def collate(
+    examples: Sequence[Example],
+    pixel_values: Sequence[Tensor],
+    *,
+    pad_id: int,
+    packed: bool,
+    max_length: int | None,
+) -> Batch:
+    """Build a `Batch`. ``pixel_values[i]`` holds example ``i``'s images ``[n_i, 3, H, W]``."""
+    if packed:
+        if max_length is None:
+            raise DataError("packing needs a max_length")
+        rows = pack([len(e) for e in examples], max_length)
+    else:
+        rows = [[i] for i in range(len(examples))]
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    images: list[Tensor] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            example, n = examples[i], len(examples[i])
+            input_ids[r, start : start + n] = torch.tensor(example.input_ids)
+            labels[r, start : start + n] = torch.tensor(example.labels)
+            labels[r, start] = IGNORE_INDEX  # never predicted from the previous sample's last token
+            segments[r, start : start + n] = i
+            position_ids[r, start : start + n] = torch.arange(n)
+            images.extend(pixel_values[i])
+            start += n
+    if packed:
+        # Same-sample pairs may attend (the decoder adds the causal rule); padding forms its own block so
+        # that no query row is fully masked (a fully masked softmax row gives NaN, also in the backward).
+        attention_mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+        position_ids_out: Tensor | None = position_ids
+    else:
+        attention_mask = (segments >= 0).long()
+        position_ids_out = None
+    return Batch(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        position_ids=position_ids_out,
+        pixel_values=torch.stack(images) if images else None,
+        segments=segments,
+        num_samples=len(examples),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ order
+
+
+class StepSampler:
+    """Which examples each process reads at each optimizer step, as a pure function of the step.
+
+    The stream of sample positions is the concatenation of per-epoch permutations (seeded by
+    ``seed + epoch``). Step ``s`` consumes ``global_batch = micro_batch * world_size * accumulation``
+    positions; micro-step ``j`` of rank ``r`` takes the slice ``[(j * world_size + r) * micro_batch, ...)``.
+    One process with batch 2B therefore sees the same samples per step as two processes with batch B, and
+    resuming at step ``s`` needs nothing but ``s``.
+    """
+
+    def __init__(self, size: int, *, micro_batch: int, world_size: int, rank: int, accumulation: int, seed: int):
+        if size <= 0:
+            raise DataError("no training examples")
+        self.size, self.micro_batch, self.world_size, self.rank = size, micro_batch, world_size, rank
+        self.accumulation, self.seed = accumulation, seed
+        self._permutations: dict[int, list[int]] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size * self.accumulation
+
+    def _at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._permutations:
+            self._permutations = {  # keep only the epochs in use
+                e: p for e, p in self._permutations.items() if e >= epoch - 1
+            }
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._permutations[epoch] = torch.randperm(self.size, generator=generator).tolist()
+        return self._permutations[epoch][offset]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """The example indices of this rank's micro-batches of optimizer step ``step``."""
+        base = step * self.global_batch
+        out = []
+        for j in range(self.accumulation):
+            first = base + (j * self.world_size + self.rank) * self.micro_batch
+            out.append([self._at(p) for p in range(first, first + self.micro_batch)])
+        return out
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch / self.size
+
+    def iterate(self, start_step: int, stop_step: int) -> Iterator[list[int]]:
+        """Micro-batches from ``start_step`` (inclusive) to ``stop_step`` (exclusive), in order."""
+        for step in range(start_step, stop_step):
+            yield from self.micro_batches(step)
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Map-style dataset of encoded examples; images are read and preprocessed when an item is fetched."""
+
+    def __init__(self, examples: Sequence[Example], preprocess: Callable[[list[Image.Image]], Tensor]):
+        self.examples = list(examples)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[Example, Tensor]:
+        example = self.examples[index]
+        images = [load_image(path) for path in example.images]
+        pixels = self.preprocess(images) if images else torch.empty(0, 3, 0, 0)
+        return example, pixels
+
+
+class Collator:
+    """``collate_fn`` for a DataLoader over `ExampleDataset` (a class, so worker processes can pickle it)."""
+
+    def __init__(self, *, pad_id: int, packed: bool, max_length: int | None):
+        self.pad_id, self.packed, self.max_length = pad_id, packed, max_length
+
+    def __call__(self, items: Sequence[tuple[Example, Tensor]]) -> Batch:
+        examples = [example for example, _ in items]
+        pixels = [pixel_values for _, pixel_values in items]
+        return collate(examples, pixels, pad_id=self.pad_id, packed=self.packed, max_length=self.max_length)
