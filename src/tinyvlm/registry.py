@@ -32,6 +32,7 @@ KINDS: tuple[Kind, ...] = ("encoder", "decoder", "projector", "vlm")
 FAMILY_MODULES: tuple[str, ...] = (
     "tinyvlm.encoders.siglip",
     "tinyvlm.encoders.dinov3",
+    "tinyvlm.projectors.pixel_shuffle",
 )
 
 INDEX_PATH = Path(__file__).with_name("zoo.json")
@@ -159,6 +160,16 @@ def family_for_model_type(model_type: str, kind: Kind | None = None) -> Family:
     raise ConfigError(
         f"model_type {model_type!r} is not a supported {what}family; supported model types: {', '.join(supported)}"
     )
+
+
+def get_config(key: str, *, kind: Kind | None = None) -> "Config":
+    """The registered config of zoo entry ``key`` (imports the family modules; measures nothing, so a family
+    whose ``build`` composes other zoo entries, as the VLM recipes do, can call it while being measured)."""
+    load_families()
+    entry = _ENTRIES.get(key)
+    if entry is None or (kind is not None and _FAMILIES[entry.family].kind != kind):
+        raise UnknownModelError(_unknown_message(key, kind, _read_index()))
+    return entry.config
 
 
 # ----------------------------------------------------------------------------------------------- listing
