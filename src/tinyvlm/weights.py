@@ -30,11 +30,17 @@ class KeyMap:
     ``unused``: patterns of checkpoint keys deliberately not loaded (the SigLIP text tower, say).
     ``split``: ``(pattern, replacements)`` pairs for a fused tensor that the module keeps as several:
     it is cut along dim 0 into ``len(replacements)`` equal chunks (nanoVLM's stacked q, k, v).
+    ``squeeze``: patterns of checkpoint keys stored with a leading dimension of size 1 that the module's
+    tensor does not have (nanoVLM's ``[1, N, D]`` position table for an ``[N, D]`` embedding).
     """
 
     rename: tuple[tuple[str, str], ...]
     unused: tuple[str, ...] = ()
     split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    squeeze: tuple[str, ...] = ()
+
+    def squeezes(self, key: str) -> bool:
+        return any(re.fullmatch(pattern, key) for pattern in self.squeeze)
 
     def targets(self, key: str) -> tuple[str, ...] | None:
         """The module keys a checkpoint key fills; ``None`` if declared unused, ``()`` if not mapped at all."""
@@ -90,6 +96,8 @@ def load_checkpoint(
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key, targets in keys:
                 tensor = handle.get_tensor(key)
+                if key_map.squeezes(key):
+                    tensor = tensor.squeeze(0)
                 for target, chunk in zip(targets, tensor.chunk(len(targets)) if len(targets) > 1 else [tensor]):
                     if dtype is not None and chunk.is_floating_point():
                         chunk = chunk.to(dtype)
@@ -143,6 +151,8 @@ def _plan(
                     unexpected.append(key)
                     continue
                 shape = list(handle.get_slice(key).get_shape())
+                if key_map.squeezes(key) and shape[:1] == [1]:
+                    shape = shape[1:]
                 if len(targets) > 1:
                     shape[0] //= len(targets)
                 for target in targets:
