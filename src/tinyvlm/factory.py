@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,14 +46,20 @@ def build_projector(name: str, *, in_dim: int, out_dim: int, **overrides: Any):
     return family.build(config.replace(in_dim=in_dim, out_dim=out_dim))
 
 
-def resolve_config(kind: Kind, source: Source, overrides: dict[str, Any]) -> tuple[Family, Config]:
-    """The family and validated config of a name, with ``overrides`` applied."""
+def resolve_config(
+    kind: Kind | None, source: Source, overrides: dict[str, Any], *, folder: Path | None = None
+) -> tuple[Family, Config]:
+    """The family and validated config of a name, with ``overrides`` applied.
+
+    Zoo entries carry their config; ``hf-hub:`` and ``local-dir:`` names are read from their ``config.json``
+    (in ``folder`` when the caller already fetched it, so that config and weights come from one commit).
+    """
     load_families()
     if source.spec is not None:
         family = get_family(source.spec.family)
         config = source.spec.config
     else:
-        hf_config = read_config(model_folder(source, weights=False))
+        hf_config = read_config(folder or model_folder(source, weights=False))
         model_type = hf_config.get("model_type")
         if not model_type:
             raise ConfigError(f"{source.name}: config.json has no model_type, so its family is unknown")
@@ -72,7 +80,12 @@ def build_module(
     """Load ``name``'s weights, or initialise it at random when ``pretrained`` is False or it has none
     (the ``test-*`` zoo entries)."""
     source = parse_name(name, kind)
-    family, config = resolve_config(kind, source, overrides)
+    folder = None
+    if source.spec is None and source.has_files:  # hf-hub: / local-dir: names are described by config.json
+        folder = model_folder(source, weights=False)
+        if source.repo_id is not None:  # fetch the weights at the commit the config came from
+            source = dataclasses.replace(source, revision=folder.name)
+    family, config = resolve_config(kind, source, overrides, folder=folder)
     if pretrained and source.has_files:
         if family.key_map is None:
             raise ConfigError(f"the {family.name} family has no checkpoints to load; use pretrained=False")

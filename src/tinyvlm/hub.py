@@ -2,14 +2,17 @@
 
 A name is a zoo key (``siglip-b16-224``), ``hf-hub:ORG/NAME[@REVISION]`` or ``local-dir:PATH``. Files come
 from the Hub one by one with `huggingface_hub.hf_hub_download` (its cache, ``HF_HOME``, ``HF_ENDPOINT``,
-``HF_HUB_OFFLINE`` and ``HF_TOKEN`` all apply), every file of one model pinned to the commit its
-``config.json`` resolved to. Hub failures become `HubError` messages that say what to do next.
+``HF_HUB_OFFLINE`` and ``HF_TOKEN`` all apply; ``library_name="tinyvlm"``). ``config.json`` is fetched first
+and every other file of the model is then fetched at the commit it resolved to, so config, weights and
+tokenizer always come from one commit even while a branch moves. Once a model is cached at a pinned commit,
+loading it again makes no request at all. Hub failures become `HubError` messages that say what to do next.
 This module is torch-free.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,9 @@ from tinyvlm.registry import Kind, ModelSpec, get_spec
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
 
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
 #: Files a tokenizer may come with; only ``tokenizer.json`` is required.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -31,6 +37,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 OPTIONAL_FILES = ("preprocessor_config.json",)
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,8 @@ class Source:
 def parse_name(name: str, kind: Kind | None = None) -> Source:
     """Resolve one of the three name forms (no network)."""
     if name.startswith(HF_HUB):
-        repo_id, _, revision = name[len(HF_HUB) :].partition("@")
-        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        repo_id, at, revision = name[len(HF_HUB) :].partition("@")
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")) or (at and not revision):
             raise HubError(f"{name!r}: write Hub repos as 'hf-hub:ORG/NAME' or 'hf-hub:ORG/NAME@REVISION'")
         return Source(name, repo_id=repo_id, revision=revision or None)
     if name.startswith(LOCAL_DIR):
@@ -73,7 +81,14 @@ def model_folder(source: Source, *, weights: bool = True, tokenizer: bool = Fals
         return source.local_dir
     if source.repo_id is None:
         raise HubError(f"{source.name!r} has no weights on the Hub: build it with pretrained=False")
-    return download(source.repo_id, source.revision, weights=weights, tokenizer=tokenizer, gated=_gated(source))
+    return download(
+        source.repo_id,
+        source.revision,
+        weights=weights,
+        tokenizer=tokenizer,
+        gated=bool(source.spec and source.spec.gated),
+        name=source.name,
+    )
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -91,93 +106,142 @@ def download(
     weights: bool = True,
     tokenizer: bool = False,
     gated: bool = False,
+    name: str | None = None,
 ) -> Path:
-    """Fetch what a model needs from ``repo_id`` into the Hugging Face cache; returns its snapshot folder."""
-    config = _fetch(repo_id, "config.json", revision, gated=gated)
-    folder = config.parent
-    commit = folder.name  # the snapshot folder is named after the commit: pin every other file to it
+    """Fetch what a model needs from ``repo_id`` into the Hugging Face cache; returns its snapshot folder.
+
+    ``name`` is how the user called the model (for messages); it defaults to ``hf-hub:REPO[@REVISION]``.
+    """
+    repo = _Repo(repo_id, revision, gated, name or f"{HF_HUB}{repo_id}{'@' + revision if revision else ''}")
+    folder = repo.fetch("config.json").parent
+    repo.revision = folder.name  # snapshot folders are named after the commit: pin every other file to it
     if weights:
-        if _fetch_optional(repo_id, "model.safetensors", commit) is None:
-            index = _fetch_optional(repo_id, "model.safetensors.index.json", commit)
+        if repo.fetch(SINGLE_FILE, optional=True) is None:
+            index = repo.fetch(SHARD_INDEX, optional=True)
             if index is None:
                 raise HubError(
-                    f"{repo_id} has neither model.safetensors nor model.safetensors.index.json: "
-                    "tinyvlm loads safetensors only (never pickle)."
+                    f"{repo.where} has neither {SINGLE_FILE} nor {SHARD_INDEX}: tinyvlm loads safetensors only "
+                    "(never pickle). Convert the checkpoint to safetensors, or pick a repo that ships them."
                 )
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                _fetch(repo_id, shard, commit, gated=gated)
+            for shard in shard_names(index):
+                repo.fetch(shard)
     if tokenizer:
-        _fetch(repo_id, "tokenizer.json", commit, gated=gated)
+        repo.fetch(TOKENIZER_FILES[0])
         for filename in TOKENIZER_FILES[1:]:
-            _fetch_optional(repo_id, filename, commit)
+            repo.fetch(filename, optional=True)
     for filename in OPTIONAL_FILES:
-        _fetch_optional(repo_id, filename, commit)
+        repo.fetch(filename, optional=True)
     return folder
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files named by a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise HubError(f"{index} is not a valid safetensors index ({error!r})") from None
+
+
 def is_cached(spec: ModelSpec) -> bool:
-    """Whether a zoo entry's config and weights are in the local cache (no network)."""
+    """Whether a zoo entry's config and weights are all in the local cache (no network)."""
     if spec.hub_repo is None:
         return False
     from huggingface_hub import try_to_load_from_cache
 
-    def cached(filename: str) -> bool:
-        return isinstance(try_to_load_from_cache(spec.hub_repo, filename, revision=spec.revision), str)
-
-    return cached("config.json") and (cached("model.safetensors") or cached("model.safetensors.index.json"))
-
-
-def _gated(source: Source) -> bool:
-    return bool(source.spec and source.spec.gated)
-
-
-def _fetch(repo_id: str, filename: str, revision: str | None, *, gated: bool = False) -> Path:
-    from huggingface_hub import errors, hf_hub_download
-
-    where = f"{repo_id}{'@' + revision if revision else ''}"
+    config = try_to_load_from_cache(spec.hub_repo, "config.json", revision=spec.revision)
+    if not isinstance(config, str):
+        return False
+    folder = Path(config).parent
+    if (folder / SINGLE_FILE).is_file():
+        return True
+    index = folder / SHARD_INDEX
     try:
-        return Path(
-            hf_hub_download(
-                repo_id, filename, revision=revision, library_name="tinyvlm", library_version=__version__
+        return index.is_file() and all((folder / shard).is_file() for shard in shard_names(index))
+    except HubError:
+        return False
+
+
+@dataclass
+class _Repo:
+    """One model's files on the Hub, fetched at one revision (a commit once ``config.json`` resolved it)."""
+
+    repo_id: str
+    revision: str | None
+    gated: bool
+    name: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+
+    def fetch(self, filename: str, *, optional: bool = False) -> Path | None:
+        """Download ``filename`` (or find it in the cache). An ``optional`` file the repo does not have gives
+        ``None``; a required one, or any other failure, raises `HubError`."""
+        import httpx2  # huggingface_hub's HTTP client
+        from huggingface_hub import _CACHED_NO_EXIST, errors, hf_hub_download, try_to_load_from_cache
+
+        if optional and self.revision and _COMMIT.fullmatch(self.revision):
+            # A commit never changes: when the cache already knows the file is absent, do not ask again.
+            if try_to_load_from_cache(self.repo_id, filename, revision=self.revision) is _CACHED_NO_EXIST:
+                return None
+        try:
+            return Path(
+                hf_hub_download(
+                    self.repo_id,
+                    filename,
+                    revision=self.revision,
+                    library_name="tinyvlm",
+                    library_version=__version__,
+                )
             )
+        except errors.GatedRepoError:  # before RepositoryNotFoundError, its base class
+            raise HubError(
+                f"{self.repo_id} is gated: request access at https://huggingface.co/{self.repo_id} (logged in), "
+                "then set HF_TOKEN to a read token of that account (or run `hf auth login`) and try again."
+            ) from None
+        except errors.RepositoryNotFoundError:
+            gated = " It is gated: request access on its page, then set HF_TOKEN." if self.gated else ""
+            raise HubError(
+                f"{self.repo_id} was not found on the Hub (or it is private). Check the name "
+                f"(`tinyvlm list-models` shows the zoo); for a private repo set HF_TOKEN.{gated}"
+            ) from None
+        except errors.RevisionNotFoundError:
+            raise HubError(
+                f"{self.repo_id} has no revision {self.revision!r}: check the branch, tag or commit."
+            ) from None
+        except errors.RemoteEntryNotFoundError:
+            if optional:
+                return None
+            raise HubError(
+                f"{self.where} has no {filename}: it is not a model in the Hugging Face layout tinyvlm reads."
+            ) from None
+        except errors.LocalEntryNotFoundError:  # not cached, and the Hub was not asked or did not answer
+            if optional and try_to_load_from_cache(self.repo_id, filename, revision=self.revision) is _CACHED_NO_EXIST:
+                return None
+            raise HubError(self._unreachable(filename)) from None
+        except errors.HfHubHTTPError as error:
+            status = error.response.status_code if error.response is not None else "?"
+            raise HubError(
+                f"the Hub answered HTTP {status} for {filename} of {self.where}; try again later "
+                f"(or run `tinyvlm download {self.name}` once it is back)."
+            ) from None
+        except (OSError, httpx2.TransportError) as error:  # failures huggingface_hub does not wrap (mid-download)
+            raise HubError(
+                f"downloading {filename} of {self.where} failed ({error}). Check your connection, then run "
+                f"`tinyvlm download {self.name}` while online."
+            ) from None
+
+    def _unreachable(self, filename: str) -> str:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            why = "HF_HUB_OFFLINE=1 is set"
+            todo = f"Run `tinyvlm download {self.name}` while online (without HF_HUB_OFFLINE)"
+        else:
+            why = f"the Hub at {constants.ENDPOINT} cannot be reached"
+            todo = f"Check your connection and run `tinyvlm download {self.name}` while online"
+        return (
+            f"{filename} of {self.where} is not in the local cache and {why}. {todo}, "
+            "or load a local folder with 'local-dir:PATH'."
         )
-    except errors.GatedRepoError:
-        raise HubError(
-            f"{repo_id} is gated: request access at https://huggingface.co/{repo_id} (logged in), then set "
-            "HF_TOKEN to a token of that account (or run `hf auth login`) and try again."
-        ) from None
-    except errors.RepositoryNotFoundError:
-        hint = " It is gated: request access on its page, then set HF_TOKEN." if gated else ""
-        raise HubError(
-            f"{repo_id} was not found on the Hub (or is private). Check the name (`tinyvlm list-models`); "
-            f"for a private repo set HF_TOKEN.{hint}"
-        ) from None
-    except errors.RevisionNotFoundError:
-        raise HubError(f"{where}: revision {revision!r} does not exist; check the branch, tag or commit.") from None
-    except errors.EntryNotFoundError:
-        raise HubError(f"{where} has no {filename}: it is not a model in the Hugging Face layout.") from None
-    except errors.LocalEntryNotFoundError:
-        raise HubError(
-            f"{filename} of {where} is not in the local cache and the Hub cannot be reached "
-            "(offline, HF_HUB_OFFLINE=1, or a network failure). Run `tinyvlm download <name>` while online, "
-            "or use a local folder with 'local-dir:PATH'."
-        ) from None
-    except (errors.HfHubHTTPError, OSError) as error:
-        raise HubError(f"downloading {filename} of {where} failed: {error}. Check your connection.") from None
-
-
-def _fetch_optional(repo_id: str, filename: str, revision: str | None) -> Path | None:
-    """A file the repo may not have: ``None`` when the Hub says it does not exist (or, offline, when the
-    cache holds no copy of it)."""
-    from huggingface_hub import errors, hf_hub_download
-
-    try:
-        return Path(
-            hf_hub_download(
-                repo_id, filename, revision=revision, library_name="tinyvlm", library_version=__version__
-            )
-        )
-    except (errors.EntryNotFoundError, errors.LocalEntryNotFoundError):
-        return None
-    except errors.HfHubHTTPError as error:
-        raise HubError(f"downloading {filename} of {repo_id} failed: {error}") from None
