@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tinyvlm.config import Config
+from tinyvlm.errors import ConfigError
 
 #: Activation names as they appear in Hugging Face configs (``hidden_act`` / ``hidden_activation``).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -20,8 +24,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:
-    from tinyvlm.errors import ConfigError
-
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -92,3 +94,143 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` by angles given as ``cos`` / ``sin`` tables broadcastable to it."""
     return x * cos + rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------------------ decoders
+
+
+class RopeConfig(Config):
+    """Rotary embedding frequencies: ``theta`` and an optional static rescaling of the frequencies.
+
+    ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low frequencies by ``factor``,
+    keeps the high ones and interpolates in between (Llama-3.1+). Both keep the cos/sin amplitude at 1.
+    """
+
+    theta: float
+    type: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf(cls, params: dict[str, Any] | None, *, theta: float | None = None) -> "RopeConfig":
+        """Read a ``rope_parameters`` (transformers v5) or legacy ``rope_scaling`` dict; ``theta`` is the
+        legacy top-level ``rope_theta`` when the dict does not carry it."""
+        params = dict(params or {})
+        rope_type = params.pop("rope_type", params.pop("type", "default"))
+        theta = params.pop("rope_theta", theta)
+        if theta is None:
+            raise ConfigError("config.json gives no rope_theta")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ConfigError(
+                f"RoPE type {rope_type!r} is not implemented (supported: default, linear, llama3); "
+                "open an issue if you need it."
+            )
+        fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        values = {name: params[name] for name in fields if params.get(name) is not None}
+        if rope_type == "default":
+            values = {}
+        return cls(theta=theta, type=rope_type, **values)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig, device: torch.device | str | None = None) -> Tensor:
+    """Inverse frequencies ``theta^(-2i/d)`` (fp32, as transformers computes them), rescaled per ``rope.type``."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if rope.type == "linear":
+        return inv_freq / rope.factor
+    if rope.type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables of rotate-half RoPE for given positions (angles ``[p * f, p * f]``, concatenated)."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rope = rope
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope), persistent=False)
+
+    def materialize_buffers(self, device: torch.device) -> None:
+        self.inv_freq = rope_inv_freq(self.head_dim, self.rope, device)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``position_ids [B, T]`` -> ``cos, sin [B, 1, T, head_dim]`` in ``dtype`` (computed in fp32)."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads, RoPE, optional per-head q/k RMSNorm and a KV cache.
+
+    Each key/value head serves ``num_heads / num_kv_heads`` consecutive query heads. ``window`` (sliding
+    attention) only tells the cache how many past keys this layer must keep; the mask enforces it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float,
+        bias: bool = False,
+        qk_norm_eps: float | None = None,
+        window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ConfigError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.window = window
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        if qk_norm_eps is not None:  # Gemma-3: RMSNorm(1 + w) over head_dim, after the head split, before RoPE
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, unit_offset=True)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, unit_offset=True)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: "LayerCache | None" = None,
+    ) -> Tensor:
+        """``x [B, T, D]``; ``mask``: boolean ``[B|1, 1, T, S]`` of allowed keys (None: all ``S`` allowed)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class LayerCache(Protocol):
+    """One layer's view of a KV cache: stores the new keys/values, returns all those to attend to."""
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...

@@ -33,6 +33,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "tinyvlm.encoders.siglip",
     "tinyvlm.encoders.dinov3",
     "tinyvlm.projectors.pixel_shuffle",
+    "tinyvlm.decoders.llama",
+    "tinyvlm.decoders.gemma3",
 )
 
 INDEX_PATH = Path(__file__).with_name("zoo.json")

@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinyvlm.config import Config
+from tinyvlm.decoders.cache import KVCache
+from tinyvlm.errors import ConfigError
+
 if TYPE_CHECKING:
-    from tinyvlm.config import Config
+    from tinyvlm.layers import RotaryEmbedding
 
 
 @dataclass
@@ -26,7 +32,7 @@ class Decoder(nn.Module):
     as ``inputs_embeds``.
     """
 
-    config: "Config"
+    config: Config
 
     @property
     def dim(self) -> int:
@@ -37,6 +43,10 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, max_len: int) -> "KVCache":
+        """An empty preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + new)."""
         raise NotImplementedError
 
     def generate(
@@ -53,7 +63,19 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """Prompt plus new tokens ``[B, T + n]`` (see API.md). ``inputs_embeds`` replaces the prompt's
         embedding lookup (a VLM passes its merged image + text embeddings)."""
-        raise NotImplementedError
+        from tinyvlm.generation import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+        )
 
     def generate_stream(
         self,
@@ -69,4 +91,221 @@ class Decoder(nn.Module):
     ) -> Iterator[Tensor]:
         """Same arguments as `generate`; yields the ``[B]`` tokens of each step as they are chosen
         (rows that have ended get the pad id)."""
-        raise NotImplementedError
+        from tinyvlm.generation import generate_stream
+
+        return generate_stream(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+        )
+
+
+# ------------------------------------------------------------------------------ the shared transformer stack
+
+
+class DecoderConfig(Config):
+    """Fields every decoder family has, including what generation needs (special token ids)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    max_position_embeddings: int
+    bos_token_id: int | None = None
+    #: Every id that ends a generation (Gemma-3-it: ``<eos>`` and ``<end_of_turn>``).
+    eos_token_ids: list[int] = []
+    pad_token_id: int | None = None
+
+
+def hf_token_ids(value: int | list[int] | None) -> list[int]:
+    """``eos_token_id`` of a config.json (an int, a list or null) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+class TransformerDecoder(Decoder):
+    """A pre-norm decoder-only transformer with HF-compatible module names; families supply the blocks.
+
+    A family's ``__init__`` sets ``embed_tokens``, ``layers`` (blocks called as
+    ``block(h, rope, mask, layer_cache)``, each with ``self_attn.window`` and a ``rope_name``), ``norm``,
+    ``rotary`` (a ``ModuleDict`` of `RotaryEmbedding` by ``rope_name``) and ``lm_head`` (None when tied).
+    """
+
+    config: DecoderConfig
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary: nn.ModuleDict
+    lm_head: nn.Linear | None
+    #: ``tanh`` soft cap of the logits (Gemma-2 style); None for none.
+    final_logit_softcap: float | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embed_tokens.weight.shape[0]
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(
+            [layer.self_attn.window for layer in self.layers],
+            batch_size=batch_size,
+            max_len=max_len,
+            num_kv_heads=self.config.num_kv_heads,
+            head_dim=self.config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> DecoderOutput:
+        hidden = self.hidden_states(
+            input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache
+        )
+        return DecoderOutput(self.logits(hidden), cache)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """LM head over final hidden states (the unscaled embedding matrix when tied)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        if self.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    def hidden_states(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states ``[B, T, D]`` (the forward without the LM head); same arguments as forward.
+
+        ``attention_mask``: a ``[B, past + T]`` padding mask (1 token, 0 pad) or a boolean ``[B, 1, T, past + T]``
+        mask of allowed keys, ANDed with the causal / sliding-window rule. Without ``position_ids``,
+        positions are ``cumsum(mask) - 1`` under a 2-D mask (left padding) and ``past .. past + T - 1`` otherwise.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ConfigError("pass exactly one of input_ids and inputs_embeds")
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        past = 0
+        if cache is not None:
+            cache.check_room(T)
+            past = cache.length
+        padding, allowed = _split_mask(attention_mask, B, T, past + T)
+        if position_ids is None:
+            if padding is not None:
+                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)
+        ropes = {name: rotary(position_ids, h.dtype) for name, rotary in self.rotary.items()}
+        query_index = torch.arange(past, past + T, device=h.device)
+        masks: dict[int | None, Tensor | None] = {}
+        for i, layer in enumerate(self.layers):
+            window = layer.self_attn.window
+            if window not in masks:
+                if cache is None:
+                    key_index = torch.arange(T, device=h.device)
+                else:
+                    key_index = cache.key_index(cache.layers[i].capacity, T, h.device)
+                masks[window] = attention_mask_for(query_index, key_index, window, padding, allowed)
+            h = layer(h, ropes[layer.rope_name], masks[window], None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(h)
+
+    @torch.no_grad()
+    def resize_vocab(self, new_size: int) -> None:
+        """Grow the vocabulary to ``new_size`` (added special tokens, e.g. image tokens). New embedding (and
+        untied head) rows are the mean of the existing rows; a tied head stays tied."""
+        old = self.vocab_size
+        if new_size < old:
+            raise ConfigError(f"resize_vocab only grows the vocabulary ({old} -> {new_size} would drop tokens)")
+        self.embed_tokens.weight = nn.Parameter(_grown(self.embed_tokens.weight, new_size))
+        self.embed_tokens.num_embeddings = new_size
+        if self.lm_head is not None:
+            self.lm_head.weight = nn.Parameter(_grown(self.lm_head.weight, new_size))
+            self.lm_head.out_features = new_size
+        self.config = self.config.replace(vocab_size=new_size)
+
+
+def _grown(weight: Tensor, rows: int) -> Tensor:
+    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+    return torch.cat((weight, mean.expand(rows - weight.shape[0], -1)))
+
+
+def _split_mask(mask: Tensor | None, batch: int, new: int, total: int) -> tuple[Tensor | None, Tensor | None]:
+    """A 2-D padding mask (as bool) or a 4-D allowed-keys mask, validated against the expected shapes."""
+    if mask is None:
+        return None, None
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (batch, total):
+            raise ConfigError(
+                f"2-D attention_mask has shape {tuple(mask.shape)}; expected [batch, past + new tokens] = "
+                f"[{batch}, {total}]: it must cover the cached tokens too"
+            )
+        return mask.bool(), None
+    if mask.dim() == 4:
+        if mask.dtype != torch.bool or mask.shape[0] != batch or tuple(mask.shape[1:]) != (1, new, total):
+            raise ConfigError(
+                f"4-D attention_mask must be boolean [{batch}, 1, {new}, {total}] (True = may attend); "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        return None, mask
+    raise ConfigError(f"attention_mask must be 2-D [B, S] or 4-D [B, 1, T, S]; got {mask.dim()}-D")
+
+
+def attention_mask_for(
+    query_index: Tensor, key_index: Tensor, window: int | None, padding: Tensor | None, allowed: Tensor | None
+) -> Tensor | None:
+    """Boolean ``[B|1, 1, T, S]`` mask of the keys (token indices ``key_index``, -1 = empty slot) each query
+    (token indices ``query_index``) may attend to: causal, within ``window`` (``q - k < window``), not padding,
+    and allowed by a 4-D mask. None when every key is allowed (one new token, no padding: the cache then
+    only returns keys it may see).
+
+    Every query also sees itself, so that the rows of padding queries are never empty (an empty row would
+    make NaNs that leak through the values of the next layer); real tokens are unaffected.
+    """
+    if len(query_index) == 1 and padding is None and allowed is None:
+        return None
+    q, k = query_index[:, None], key_index[None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= k > q - window
+    mask = mask[None, None]
+    safe = key_index.clamp(min=0)
+    if padding is not None:
+        mask = mask & padding[:, safe][:, None, None, :]
+    if allowed is not None:
+        mask = mask & allowed[..., safe]
+    return mask | (k == q)
