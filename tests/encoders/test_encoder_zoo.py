@@ -98,3 +98,15 @@ def test_gated_entry_says_how_to_get_access(hub, key):
     hub.add(spec.hub_repo, {"config.json": "{}"}, token="granted-token")
     with pytest.raises(tinyvlm.HubError, match=rf"{spec.hub_repo} is gated: request access at .*HF_TOKEN"):
         tinyvlm.build_encoder(key)
+
+
+@pytest.mark.parametrize("key", ["test-siglip", "test-dinov3"])
+def test_compiles_without_graph_breaks(key):
+    """``torch.compile(fullgraph=True)`` captures the whole forward, at the training size and another one.
+    (The eager backend keeps this fast; inductor itself was checked by hand, see docs/encoders.md.)"""
+    encoder = tinyvlm.build_encoder(key)
+    compiled = torch.compile(encoder, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for size in [(64, 64), (48, 80)]:
+            pixels = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(pixels), encoder(pixels))
