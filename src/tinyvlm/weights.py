@@ -3,8 +3,10 @@
 The checkpoint is checked against the module before any tensor is read: every key of the file is either
 mapped onto a module tensor by the family's `KeyMap` or declared unused by it, every module tensor is
 covered, and every shape matches; otherwise a `WeightsError` lists all the problems at once. Tensors are
-then read one at a time, cast, moved to the device and assigned in place of the meta tensors, so a load
-holds about one copy of the weights.
+then read one at a time, cast, moved to the device and assigned in place of the meta tensors. safetensors
+memory-maps the file, so a CPU load without a cast assigns views of the mapping (paged in on first use,
+copy-on-write if modified): one copy of the weights in all. A cast adds the converted copies while the mapped
+pages stay resident until the file is closed (see ``benchmarks/load_memory.py``).
 """
 
 from __future__ import annotations
@@ -110,10 +112,11 @@ def load_checkpoint(
 def materialize_buffers(module: nn.Module, device: torch.device) -> None:
     """Recompute non-persistent buffers (RoPE tables, ...) that were left on the meta device.
 
-    A module that owns such buffers defines ``materialize_buffers(device)``; they are never in checkpoints.
+    A module that owns such buffers (the root included) defines ``materialize_buffers(device)``; they are
+    never in checkpoints.
     """
     for sub in module.modules():
-        if sub is not module and hasattr(sub, "materialize_buffers"):
+        if hasattr(sub, "materialize_buffers"):
             sub.materialize_buffers(device)
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
@@ -154,14 +157,18 @@ def _plan(
                 if key_map.squeezes(key) and shape[:1] == [1]:
                     shape = shape[1:]
                 if len(targets) > 1:
+                    if not shape or shape[0] % len(targets):
+                        mismatched.append(f"{key}: checkpoint {shape} does not split into {len(targets)} equal parts")
+                        continue
                     shape[0] //= len(targets)
                 for target in targets:
                     want = list(expected[target].shape)
                     if shape != want:
                         mismatched.append(f"{key}: checkpoint {shape}, model {want} ({target})")
-                    for name in aliases[target]:
-                        if name in covered:
-                            duplicated.append(f"{name} (from {covered[name]} and {key})")
+                    group = aliases[target]  # one tensor, several names when weights are tied
+                    if group[0] in covered:
+                        duplicated.append(f"{' = '.join(group)} (from {covered[group[0]]} and {key})")
+                    for name in group:
                         covered[name] = key
                 plan[path].append((key, targets))
     missing = [name for name in expected if name not in covered]
