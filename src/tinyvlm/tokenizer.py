@@ -155,7 +155,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        return _clean_up(text) if self.clean_up_tokenization_spaces else text
+        # transformers skips this clean-up for BPE models (it would eat real spaces before punctuation)
+        if self.clean_up_tokenization_spaces and not isinstance(self.backend.model, models.BPE):
+            return _clean_up(text)
+        return text
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -232,7 +235,7 @@ def _compile(template: str):
 
 
 def _clean_up(text: str) -> str:
-    """transformers' ``clean_up_tokenization`` (Llama-3's tokenizer_config turns it on)."""
+    """transformers' ``clean_up_tokenization`` (for WordPiece-style vocabularies)."""
     for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)

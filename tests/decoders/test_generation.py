@@ -1,0 +1,190 @@
+"""Generation and the KV cache, on both families: incremental = full forward (across sliding-window ring
+wrap-around), left-padded batches = one by one, packed 4-D masks = separate sequences, sampling options,
+stop ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoder_twins import randomize_, rel_err
+
+import tinyvlm
+from tinyvlm.errors import ConfigError
+from tinyvlm.generation import filter_logits
+
+
+@pytest.fixture(scope="module", params=["test-llama", "test-gemma3"])
+def decoder(request):
+    torch.manual_seed(0)
+    model = tinyvlm.build_decoder(request.param)
+    return randomize_(model, seed=5, norm_offset=1.0 if request.param == "test-llama" else 0.0)
+
+
+def ids_of(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 512, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("chunks", [(40,), (5, *[1] * 35), (20, 1, 1, 7, *[1] * 11), (3, 30, 7)])
+def test_incremental_equals_full_forward(decoder, chunks):
+    """Prompts shorter and longer than the window (16 in test-gemma3), single steps across wrap-around,
+    multi-token chunks on a wrapped ring."""
+    ids = ids_of(2, sum(chunks))
+    with torch.no_grad():
+        full = decoder(ids).logits
+        cache = decoder.new_cache(2, ids.shape[1])
+        start, pieces = 0, []
+        for size in chunks:
+            pieces.append(decoder(ids[:, start : start + size], cache=cache).logits)
+            start += size
+    assert rel_err(torch.cat(pieces, 1), full) <= 1e-5
+
+
+def test_cache_overflow_is_a_clear_error(decoder):
+    cache = decoder.new_cache(1, 4)
+    with pytest.raises(ConfigError, match="max_len"):
+        decoder(ids_of(1, 5), cache=cache)
+
+
+def test_left_padded_batch_equals_one_by_one(decoder):
+    prompts = [ids_of(1, n, seed=n)[0] for n in (6, 20, 11)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    together = decoder.generate(batch, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+    for row, prompt in enumerate(prompts):
+        alone = decoder.generate(prompt[None], max_new_tokens=24, eos_token_id=[])
+        assert torch.equal(together[row, width:], alone[0, len(prompt) :])
+
+
+def test_packed_4d_mask_equals_separate_sequences(decoder):
+    """Two samples packed in one row, attention kept inside each, positions restarting per sample."""
+    a, b = ids_of(1, 13, seed=1), ids_of(1, 22, seed=2)
+    packed = torch.cat((a, b), 1)
+    sample = torch.tensor([0] * 13 + [1] * 22)
+    allowed = (sample[:, None] == sample[None, :])[None, None]
+    positions = torch.cat((torch.arange(13), torch.arange(22)))[None]
+    with torch.no_grad():
+        out = decoder(packed, attention_mask=allowed, position_ids=positions).logits
+        assert rel_err(out[:, :13], decoder(a).logits) <= 1e-5
+        assert rel_err(out[:, 13:], decoder(b).logits) <= 1e-5
+
+
+def test_inputs_embeds_path_equals_ids(decoder):
+    ids = ids_of(1, 9)
+    with torch.no_grad():
+        embeds = decoder.embed(ids)
+        assert torch.equal(decoder(inputs_embeds=embeds).logits, decoder(ids).logits)
+    assert torch.equal(
+        decoder.generate(ids, inputs_embeds=embeds, max_new_tokens=6, eos_token_id=[]),
+        decoder.generate(ids, max_new_tokens=6, eos_token_id=[]),
+    )
+
+
+def test_stream_yields_the_generated_tokens(decoder):
+    ids = ids_of(2, 5)
+    steps = list(decoder.generate_stream(ids, max_new_tokens=7, eos_token_id=[]))
+    assert len(steps) == 7 and all(step.shape == (2,) for step in steps)
+    assert torch.equal(torch.stack(steps, 1), decoder.generate(ids, max_new_tokens=7, eos_token_id=[])[:, 5:])
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_stop_ids_end_rows_and_pad_the_rest(decoder):
+    ids = ids_of(2, 5, seed=3)
+    free = decoder.generate(ids, max_new_tokens=12, eos_token_id=[])
+    stop = int(free[0, 5 + 2])  # the third token of row 0 becomes a stop id
+    out = decoder.generate(ids, max_new_tokens=12, eos_token_id=[stop, 10**6])
+    first_stop = [int((row[5:] == stop).nonzero()[0]) if (row[5:] == stop).any() else None for row in free]
+    pad = decoder.config.pad_token_id
+    for row, end in enumerate(first_stop):
+        if end is None:
+            assert torch.equal(out[row, : free.shape[1]], free[row]) or out.shape[1] < free.shape[1]
+        else:
+            assert torch.equal(out[row, : 5 + end + 1], free[row, : 5 + end + 1])
+            assert (out[row, 5 + end + 1 :] == pad).all()
+    if all(end is not None for end in first_stop):  # every row ended: stopped early
+        assert out.shape[1] == 5 + max(first_stop) + 1
+
+
+def test_default_stop_ids_are_the_checkpoints(decoder):
+    ids = ids_of(1, 4, seed=4)
+    free = decoder.generate(ids, max_new_tokens=6, eos_token_id=[])
+    config_stop = decoder.config.eos_token_ids[0]
+    patched = decoder.config.replace(eos_token_ids=[int(free[0, 4])])  # the first new token
+    original, decoder.config = decoder.config, patched
+    try:
+        out = decoder.generate(ids)
+    finally:
+        decoder.config = original
+    assert out.shape[1] == 5 and config_stop in original.eos_token_ids
+
+
+def test_sampling_is_seeded_and_respects_top_k(decoder):
+    ids = ids_of(3, 6)
+    torch.manual_seed(123)
+    first = decoder.generate(ids, max_new_tokens=10, temperature=1.0, top_k=5, eos_token_id=[])
+    torch.manual_seed(123)
+    second = decoder.generate(ids, max_new_tokens=10, temperature=1.0, top_k=5, eos_token_id=[])
+    assert torch.equal(first, second)
+    torch.manual_seed(7)
+    greedy_like = decoder.generate(ids, max_new_tokens=10, temperature=1.0, top_k=1, eos_token_id=[])
+    assert torch.equal(greedy_like, decoder.generate(ids, max_new_tokens=10, eos_token_id=[]))
+
+
+def test_filter_logits_masks():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, True, False, True]]
+    # nucleus 0.75: 0.5 + 0.3 reaches it; 0.15 and 0.05 are dropped
+    assert torch.isinf(filter_logits(logits, top_p=0.75)).tolist() == [[False, True, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, True, False, False]]
+    assert not torch.isinf(filter_logits(logits, top_p=0.01)[0, 0])  # the best token always stays
+
+
+def test_top_p_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for p in (0.3, 0.8, 0.95):
+        expected = transformers.TopPLogitsWarper(p)(None, logits.clone())
+        assert torch.equal(torch.isinf(filter_logits(logits, top_p=p)), torch.isinf(expected))
+    expected = transformers.TopKLogitsWarper(7)(None, logits.clone())
+    assert torch.equal(torch.isinf(filter_logits(logits, top_k=7)), torch.isinf(expected))
+
+
+def test_bad_options_are_clear_errors(decoder):
+    ids = ids_of(1, 3)
+    for options in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 1.5}, {"max_new_tokens": -1}):
+        with pytest.raises(ConfigError):
+            decoder.generate(ids, **options)
+
+
+def test_resize_vocab_keeps_logits_and_ties(decoder):
+    import copy
+
+    model = copy.deepcopy(decoder)
+    ids = ids_of(1, 8)
+    with torch.no_grad():
+        before = model(ids).logits
+        model.resize_vocab(520)
+        after = model(ids).logits
+        mean = decoder.embed_tokens.weight.mean(0)
+    assert model.vocab_size == 520 and model.config.vocab_size == 520
+    assert torch.allclose(model.embed_tokens.weight[515], mean, atol=1e-6)
+    assert torch.equal(after[..., :512], before)
+    assert model.lm_head is None  # still tied: the new rows are the head's too
+    model(torch.tensor([[515, 519]]))
+
+
+def test_bf16_runs(decoder):
+    import copy
+
+    model = copy.deepcopy(decoder).to(torch.bfloat16)
+    ids = ids_of(1, 20)
+    with torch.no_grad():
+        reference = decoder(ids).logits
+        low = model(ids).logits
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, reference) < 0.1
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=[])
+    assert out.shape == (1, 25)
