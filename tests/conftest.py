@@ -76,8 +76,11 @@ def offline_switch(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
     """An isolated registry holding only the test-only ``tiny`` family; returns a function that registers
-    zoo entries of it (``register("tiny-x", hub_repo=..., revision=..., gated=...)``)."""
-    from tiny_family import FAMILY, TinyConfig
+    zoo entries of it (``register("tiny-x", hub_repo=..., revision=..., gated=...)``); families ``tiny``
+    (encoder), ``tiny-decoder`` and ``tiny-vlm`` (recipes naming an encoder and a decoder)."""
+    from tinyvlm.config import Config
+
+    from tiny_family import DECODER_FAMILY, FAMILY, RECIPE_FAMILY, TinyConfig
 
     from tinyvlm import registry
 
@@ -85,11 +88,12 @@ def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(registry, "_ENTRIES", {})
     monkeypatch.setattr(registry, "_live_cache", {})
     monkeypatch.setattr(registry, "_families_loaded", True)
-    registry.register_family(FAMILY)
+    for family in (FAMILY, DECODER_FAMILY, RECIPE_FAMILY):
+        registry.register_family(family)
 
-    def register(key: str, *, config: TinyConfig = TinyConfig(), **options) -> None:
+    def register(key: str, *, family: str = "tiny", config: Config = TinyConfig(), **options) -> None:
         options.setdefault("license", "apache-2.0")
         options.setdefault("description", "test-only tiny model")
-        registry.register_model(key, family="tiny", config=config, **options)
+        registry.register_model(key, family=family, config=config, **options)
 
     return register

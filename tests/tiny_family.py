@@ -118,3 +118,20 @@ def write_checkpoint(
         weight_map.update({key: name for key in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return tensors
+
+
+class TinyRecipeConfig(Config):
+    """A VLM recipe in the shape of `tinyvlm.vlm.VLMConfig`: the names of its encoder and decoder."""
+
+    family: ClassVar[str] = "tiny-vlm"
+    encoder: str
+    decoder: str
+
+
+def _build_recipe(config: TinyRecipeConfig) -> TinyModule:
+    return TinyModule(TinyConfig())
+
+
+#: The same module registered as a decoder (whose downloads include a tokenizer) and as a VLM recipe family.
+DECODER_FAMILY = Family("tiny-decoder", "decoder", TinyConfig, TinyModule, key_map, hf_model_types=("tiny-decoder",))
+RECIPE_FAMILY = Family("tiny-vlm", "vlm", TinyRecipeConfig, _build_recipe)

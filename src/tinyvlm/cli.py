@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
 from tinyvlm import __version__
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.registry import KINDS, ModelSpec, get_spec, list_models
+from tinyvlm.registry import KINDS, ModelSpec, list_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tinyvlm list-models | head`: the reader left, which is not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,35 +63,41 @@ def _format_params(params: int | None) -> str:
     return str(params)
 
 
-def _row(spec: ModelSpec, cached: bool) -> dict[str, object]:
+def _row(spec: ModelSpec) -> dict[str, object]:
+    """One zoo entry as ``--json`` prints it: the spec without its config, plus ``cached`` (true / false, or
+    null when there is nothing to download)."""
+    from tinyvlm.hub import is_cached
+
     row = spec.to_json()
     row.pop("config_json")
-    return {**row, "cached": cached}
+    return {**row, "cached": is_cached(spec)}
+
+
+def _yes_no(value: object) -> str:
+    return "-" if value is None else "yes" if value else "no"
 
 
 def cmd_list_models(args: argparse.Namespace) -> int:
-    from tinyvlm.hub import is_cached
-
-    specs = list_models(args.pattern, kind=args.kind)
-    rows = [_row(spec, is_cached(spec)) for spec in specs]
+    rows = [_row(spec) for spec in list_models(args.pattern, kind=args.kind)]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print(f"no models match {args.pattern!r}" + (f" of kind {args.kind}" if args.kind else ""), file=sys.stderr)
-        return 1
+        matching = f" matching {args.pattern!r}" if args.pattern else ""
+        print(f"no {args.kind or 'model'}s{matching} in the zoo (see `tinyvlm list-models`)", file=sys.stderr)
+        return 0
     header = ("KEY", "KIND", "FAMILY", "PARAMS", "DIM", "HUB REPO", "LICENSE", "GATED", "CACHED")
     table = [header] + [
         (
-            r["key"],
-            r["kind"] + (" (trained)" if r["trained"] else ""),
-            r["family"],
-            _format_params(r["params"]),
+            str(r["key"]),
+            str(r["kind"]) + (" (trained)" if r["trained"] else ""),
+            str(r["family"]),
+            _format_params(r["params"]),  # type: ignore[arg-type]
             "-" if r["dim"] is None else str(r["dim"]),
-            r["hub_repo"] or "- (random init)",
-            r["license"],
-            "yes" if r["gated"] else "no",
-            "yes" if r["cached"] else "no",
+            str(r["hub_repo"] or ("- (recipe)" if r["kind"] == "vlm" else "- (random init)")),
+            str(r["license"]),
+            _yes_no(r["gated"]),
+            _yes_no(r["cached"]),
         )
         for r in rows
     ]
@@ -98,43 +108,44 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from tinyvlm.hub import HF_HUB, LOCAL_DIR, is_cached, model_folder, parse_name, read_config
+    from tinyvlm.hub import parse_name
 
-    if args.name.startswith((HF_HUB, LOCAL_DIR)):
-        from tinyvlm.factory import resolve_config
-        from tinyvlm.registry import get_family
-
-        source = parse_name(args.name)
-        model_type = read_config(model_folder(source, weights=False)).get("model_type", "")
+    source = parse_name(args.name)
+    if source.spec is not None:
+        info = {**_row(source.spec), "config": source.spec.config_json}
+    else:  # hf-hub: / local-dir: the family and its config come from config.json (weights not downloaded)
+        from tinyvlm.hub import model_folder, read_config
         from tinyvlm.registry import family_for_model_type
 
-        family, config = resolve_config(family_for_model_type(model_type).kind, source, {})
-        info = {"name": args.name, "kind": get_family(family.name).kind, "family": family.name,
-                "config": config.model_dump(mode="json")}
-    else:
-        spec = get_spec(args.name)
-        info = {**_row(spec, is_cached(spec)), "config": spec.config_json}
+        folder = model_folder(source, weights=False)
+        hf_config = read_config(folder)
+        family = family_for_model_type(str(hf_config.get("model_type", "")))
+        info = {
+            "name": args.name,
+            "kind": family.kind,
+            "family": family.name,
+            "hub_repo": source.repo_id,
+            "revision": folder.name if source.repo_id else None,  # the commit config.json resolved to
+            "folder": str(folder),
+            "config": family.config_cls.from_hf(hf_config).model_dump(mode="json"),
+        }
     if args.json:
         print(json.dumps(info, indent=1))
-    else:
-        config = info.pop("config")
-        for field, value in info.items():
-            print(f"{field:12} {value}")
-        print("config       " + json.dumps(config, indent=1).replace("\n", "\n             "))
+        return 0
+    config = info.pop("config")
+    width = max(len(field) for field in info) + 2
+    for field, value in info.items():
+        print(f"{field + ':':{width}}{_yes_no(value) if isinstance(value, bool) or value is None else value}")
+    print("config:\n  " + json.dumps(config, indent=2).replace("\n", "\n  "))
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from tinyvlm.hub import model_folder, parse_name
+    from tinyvlm.hub import download_model
 
     for name in args.names:
-        source = parse_name(name)
-        if source.spec is not None and not source.spec.has_weights:
-            print(f"{name}: random-init entry, nothing to download")
-            continue
-        tokenizer = source.spec is not None and source.spec.kind == "decoder"
-        folder = model_folder(source, weights=True, tokenizer=tokenizer)
-        print(f"{name}: {folder}")
+        for model, folder in download_model(name):
+            print(f"{model}: {folder}" if folder else f"{model}: nothing to download (random init or local folder)")
     return 0
 
 

@@ -143,13 +143,56 @@ def shard_names(index: Path) -> list[str]:
         raise HubError(f"{index} is not a valid safetensors index ({error!r})") from None
 
 
-def is_cached(spec: ModelSpec) -> bool:
-    """Whether a zoo entry's config and weights are all in the local cache (no network)."""
+def recipe_parts(spec: ModelSpec) -> tuple[str, ...]:
+    """The encoder and decoder names of a VLM recipe (a ``vlm`` entry without weights of its own)."""
+    if spec.kind != "vlm" or spec.has_weights:
+        return ()
+    return tuple(spec.config_json[part] for part in ("encoder", "decoder"))
+
+
+def download_model(name: str) -> list[tuple[str, Path | None]]:
+    """Fetch everything ``name`` needs to load offline later: config and weights, plus the tokenizer for
+    decoders and VLMs; for a VLM recipe, its encoder and decoder. Returns ``(name, snapshot folder)`` for each
+    model, the folder ``None`` when there is nothing to download (random-init entries, local folders)."""
+    source = parse_name(name)
+    if source.spec is not None and recipe_parts(source.spec):
+        return [item for part in recipe_parts(source.spec) for item in download_model(part)]
+    if source.repo_id is None:
+        return [(name, None)]
+    if source.spec is not None:
+        kind = source.spec.kind
+    else:  # hf-hub: the family, hence what to fetch, comes from config.json (refused early if unsupported)
+        from tinyvlm.registry import family_for_model_type
+
+        config = read_config(model_folder(source, weights=False))
+        kind = family_for_model_type(str(config.get("model_type", ""))).kind
+    return [(name, model_folder(source, weights=True, tokenizer=kind in ("decoder", "vlm")))]
+
+
+def is_cached(spec: ModelSpec) -> bool | None:
+    """Whether a zoo entry's config and weights (for a VLM recipe: its parts') are all in the local cache;
+    ``None`` when the entry has nothing to download (random-init). No network."""
+    if recipe_parts(spec):
+        parts = [_name_is_cached(part) for part in recipe_parts(spec)]
+        return None if all(part is None for part in parts) else all(part is not False for part in parts)
     if spec.hub_repo is None:
-        return False
+        return None
+    return _repo_is_cached(spec.hub_repo, spec.revision)
+
+
+def _name_is_cached(name: str) -> bool | None:
+    if name.startswith(LOCAL_DIR):
+        return None
+    if name.startswith(HF_HUB):
+        source = parse_name(name)
+        return _repo_is_cached(source.repo_id or "", source.revision)
+    return is_cached(get_spec(name))
+
+
+def _repo_is_cached(repo_id: str, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(spec.hub_repo, "config.json", revision=spec.revision)
+    config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if not isinstance(config, str):
         return False
     folder = Path(config).parent

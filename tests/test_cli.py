@@ -1,0 +1,187 @@
+"""The `tinyvlm` command line: list-models (table and JSON), info, download, exit codes and error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny_family import TinyConfig, TinyRecipeConfig, write_checkpoint
+
+import tinyvlm
+from tinyvlm.cli import main
+
+ROW_KEYS = {
+    "key", "kind", "family", "hub_repo", "revision", "params", "dim", "license", "gated", "description", "trained",
+    "cached",
+}
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tinyvlm.cli", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tinyvlm "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def tiny_listing(tiny_zoo):
+    tiny_zoo("tiny-10", hub_repo="tiny-org/ten", gated=True, license="tiny-license")
+    tiny_zoo("tiny-2", config=TinyConfig(dim=4, hidden=6))
+    tiny_zoo("tiny-dec", family="tiny-decoder", hub_repo="tiny-org/dec")
+    tiny_zoo("tiny-recipe", family="tiny-vlm", config=TinyRecipeConfig(encoder="tiny-10", decoder="tiny-dec"))
+
+
+def test_table(tiny_listing, capsys):
+    assert main(["list-models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["KEY", "KIND", "FAMILY", "PARAMS", "DIM", "HUB", "REPO", "LICENSE", "GATED", "CACHED"]
+    assert [line.split()[0] for line in lines[1:]] == ["tiny-2", "tiny-10", "tiny-dec", "tiny-recipe"]
+    # tiny-2: 32*4 embedding (tied head) + 4*6+6 fc + 6*4 out = 182 parameters
+    assert lines[1].split() == ["tiny-2", "encoder", "tiny", "182", "4", "-", "(random", "init)", "apache-2.0", "no", "-"]
+    assert lines[2].split()[5:] == ["tiny-org/ten", "tiny-license", "yes", "no"]
+    assert lines[4].split()[1] == "vlm" and "(recipe)" in lines[4]
+
+
+def test_table_filters(tiny_listing, capsys):
+    assert main(["list-models", "tiny-?", "--kind", "encoder"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["tiny-2"]
+    assert main(["list-models", "nothing*"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no models matching 'nothing*'" in captured.err
+
+
+def test_json_schema(tiny_listing, capsys):
+    assert main(["list-models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert isinstance(rows, list) and [row["key"] for row in rows] == ["tiny-2", "tiny-10", "tiny-dec", "tiny-recipe"]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        assert row["kind"] in ("encoder", "decoder", "projector", "vlm")
+        assert isinstance(row["gated"], bool) and isinstance(row["trained"], bool)
+        assert row["cached"] is None if row["hub_repo"] is None and row["kind"] != "vlm" else row["cached"] is False
+    assert rows[0]["params"] == 182 and rows[0]["dim"] == 4
+    assert main(["list-models", "nothing*", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_json_of_the_real_zoo_matches_list_models():
+    result = _cli("list-models", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["key"] for row in rows] == [spec.key for spec in tinyvlm.list_models()]
+    assert rows and all(set(row) == ROW_KEYS for row in rows)
+
+
+def test_info_zoo_key(tiny_listing, capsys):
+    assert main(["info", "tiny-2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) == ROW_KEYS | {"config"}
+    assert info["config"] == {"dim": 4, "hidden": 6}
+    assert main(["info", "tiny-10"]) == 0
+    out = capsys.readouterr().out
+    assert "key:" in out and "tiny-org/ten" in out and '"dim": 8' in out
+
+
+def test_info_local_dir(tiny_zoo, tmp_path, capsys):
+    write_checkpoint(tmp_path / "ckpt", TinyConfig(dim=6, hidden=10))
+    assert main(["info", f"local-dir:{tmp_path / 'ckpt'}", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["family"], info["hub_repo"]) == ("encoder", "tiny", None)
+    assert info["config"] == {"dim": 6, "hidden": 10}
+
+
+def test_info_hf_hub_fetches_only_the_config(hub, tiny_zoo, tmp_path, capsys):
+    write_checkpoint(tmp_path / "ckpt")
+    commit = hub.add_folder("tiny-org/tiny-model", tmp_path / "ckpt")
+    assert main(["info", "hf-hub:tiny-org/tiny-model", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["revision"] == commit and info["family"] == "tiny"
+    assert {path.rsplit("/", 1)[1] for _, path in hub.requests} <= {"config.json", "preprocessor_config.json"}
+
+
+def test_download_zoo_key_then_listed_as_cached(hub, tiny_listing, tmp_path, capsys):
+    write_checkpoint(tmp_path / "ckpt")
+    hub.add_folder("tiny-org/ten", tmp_path / "ckpt", token="token")
+    os.environ["HF_TOKEN"] = "token"  # restored by the isolated_hf_cache fixture's monkeypatch.delenv
+    try:
+        assert main(["download", "tiny-10", "tiny-2"]) == 0
+    finally:
+        del os.environ["HF_TOKEN"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("tiny-10: ") and out[0].endswith(hub.repos["tiny-org/ten"].refs["main"])
+    assert out[1] == "tiny-2: nothing to download (random init or local folder)"
+    assert main(["list-models", "tiny-10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["cached"] is True
+
+
+def test_download_recipe_fetches_its_parts(hub, tiny_listing, tmp_path, capsys, monkeypatch):
+    write_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setenv("HF_TOKEN", "token")
+    hub.add_folder("tiny-org/ten", tmp_path / "ckpt", token="token")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    hub.add_folder("tiny-org/dec", tmp_path / "ckpt")
+    assert main(["list-models", "tiny-recipe", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["cached"] is False
+    assert main(["download", "tiny-recipe"]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["tiny-10", "tiny-dec"]
+    assert hub.count("/tiny-org/dec/resolve/") and hub.count("tokenizer.json") >= 1
+    assert main(["list-models", "tiny-recipe", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["cached"] is True
+
+
+def test_download_subprocess_against_the_stand_in(hub, tmp_path):
+    spec = next(s for s in tinyvlm.list_models(kind="decoder") if s.hub_repo and not s.gated)
+    write_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")
+    hub.add_folder(spec.hub_repo, tmp_path / "ckpt")
+    result = _cli("download", spec.key)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{spec.key}: ") and "snapshots" in result.stdout
+    assert hub.count("tokenizer.json") == 2  # HEAD and GET
+    offline = _cli("list-models", spec.key, "--json", env={"HF_HUB_OFFLINE": "1"})
+    assert json.loads(offline.stdout)[0]["cached"] is True
+
+
+def test_gated_download_is_one_line(hub, tmp_path):
+    spec = next(s for s in tinyvlm.list_models() if s.gated and s.hub_repo)
+    hub.add(spec.hub_repo, {"config.json": "{}"}, token="someone-else")
+    _assert_one_line_error(_cli("download", spec.key), "tinyvlm download: error:", "is gated", "HF_TOKEN")
+
+
+def test_offline_download_is_one_line():
+    spec = next(s for s in tinyvlm.list_models() if s.hub_repo)
+    _assert_one_line_error(_cli("download", spec.key), "HF_HUB_OFFLINE=1", f"tinyvlm download {spec.key}")
+
+
+def test_unknown_name_is_one_line():
+    _assert_one_line_error(_cli("info", "no-such-model"), "unknown model 'no-such-model'")
+    _assert_one_line_error(_cli("info", "google/siglip-base-patch16-224"), "hf-hub:google/siglip-base-patch16-224")
+
+
+def test_usage_errors_exit_2():
+    result = _cli("list-models", "--kind", "tokenizer")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert _cli().returncode == 2
+
+
+def test_version():
+    result = _cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"tinyvlm {tinyvlm.__version__}"
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "tinyvlm")
+    result = subprocess.run([script, "list-models", "test-*", "--kind", "encoder"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("KEY")
