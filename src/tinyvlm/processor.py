@@ -5,12 +5,12 @@ Each image becomes a run of image tokens, one per projected feature, placed wher
 replaces those positions with the projector's outputs (`tinyvlm.vlm.VLM`), so the image token's own
 embedding row is never looked up.
 
-Token layout (`ImageTokenConfig.layout`; nanoVLM's, the only one so far): without splitting an image is
+Token layout (`ImageTokenConfig.layout`), nanoVLM's (``"nanovlm"``): without splitting an image is
 ``N x <|image|>``. With splitting it is ``<|global_image|> N x <|image|>`` for the whole image resized to the
 encoder's size, then for each tile, row by row, ``<row_i_col_j> N x <|image|>``; an image no larger than one
 tile keeps only the global view. ``pixel_values`` holds every view (global first, then tiles) of every image
-in the order their tokens appear. Another layout (SmolVLM's ``<fake_token_around_image>``, say) is one more
-branch of `Processor.image_token_ids` and `Processor.views`.
+in the order their tokens appear. SmolVLM's (``"smolvlm"``: ``<fake_token_around_image>``, row/column tokens,
+tiles first and the global view last, its own resize and split rule) is `tinyvlm.pretrained.smolvlm_processing`.
 
 Prompts: instruct decoders (the tokenizer ships a chat template) get their template; base decoders get the
 plain text of a string prompt, and for chat messages the minimal transcript of `PLAIN_ROLES`.
@@ -61,10 +61,20 @@ class ImageTokenConfig(Config):
     split_images: bool = False
     #: At most this many tile rows and columns (nanoVLM: 4, i.e. 16 tiles + the global view).
     max_grid: int = Field(4, ge=1, le=8)
-    layout: Literal["nanovlm"] = "nanovlm"
+    layout: Literal["nanovlm", "smolvlm"] = "nanovlm"
+    #: ``smolvlm`` layout: first resize so the longest edge has this many pixels (None: keep the size).
+    resize_longest_edge: int | None = Field(None, ge=1)
+    #: Views resized bilinearly and rescaled to [0, 1] without the encoder's mean / std (nanoVLM v0.1's
+    #: ``Resize`` + ``ToTensor``) instead of the encoder's own preprocessing.
+    rescale_only: bool = False
 
     def marker_tokens(self) -> list[str]:
         """The tokens that are embedded like text (and so need embedding rows): global and tile markers."""
+        if self.layout == "smolvlm":
+            from tinyvlm.pretrained.smolvlm_processing import FAKE_TOKEN
+
+            tiles = [self.tile(r, c) for r in range(1, self.max_grid + 1) for c in range(1, self.max_grid + 1)]
+            return [FAKE_TOKEN, self.global_image_token, *(tiles if self.split_images else [])]
         if not self.split_images:
             return []
         tiles = [self.tile(r, c) for r in range(1, self.max_grid + 1) for c in range(1, self.max_grid + 1)]
@@ -108,7 +118,7 @@ class Processor:
         max_length: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.preprocess = preprocess
+        self.preprocess = _rescale_only(image_size) if tokens.rescale_only else preprocess
         self.tokens = tokens
         self.image_size = image_size
         self.tokens_per_view = tokens_per_view
@@ -138,6 +148,8 @@ class Processor:
     def views(self, image: Image.Image) -> Tensor:
         """The ``[V, 3, S, S]`` views of one image, in token order: the image itself, or with splitting the
         global view then the tiles of the image resized to ``rows*S`` x ``cols*S``, row by row."""
+        if self.tokens.layout == "smolvlm":
+            return self._smolvlm_splitter().pixel_values(image)
         s = self.image_size
         whole = self.preprocess([image], size=(s, s))
         rows, cols = self.grid(image)
@@ -169,11 +181,26 @@ class Processor:
         return ids
 
     def _image_ids(self, image: Image.Image | None) -> list[int]:
+        if self.tokens.layout == "smolvlm":
+            from tinyvlm.pretrained.smolvlm_processing import image_prompt
+
+            rows, cols = self._smolvlm_splitter().grid(image) if image is not None else (0, 0)
+            if image is None and self.tokens.split_images:
+                raise DataError("with image splitting, the token layout depends on the image size: pass the images")
+            # newlines between tile rows are text: tokenised with the rest (``\n\n`` may be one token)
+            return self.tokenizer.encode(image_prompt(rows, cols, self.tokens_per_view), add_special_tokens=False)
         if not self.tokens.split_images:
             return self.image_token_ids(None)
         if image is None:
             raise DataError("with image splitting, the token layout depends on the image size: pass the images")
         return self.image_token_ids(self.grid(image))
+
+    def _smolvlm_splitter(self):
+        from tinyvlm.pretrained.smolvlm_processing import SmolVLMImageSplitter
+
+        return SmolVLMImageSplitter(
+            tile=self.image_size, longest_edge=self.tokens.resize_longest_edge, do_image_splitting=self.tokens.split_images
+        )
 
     # -------------------------------------------------------------------------------------------- text
 
@@ -395,6 +422,13 @@ def _count_message(placeholders: int, images: int) -> str:
         f"{more}: the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {images} image(s) were "
         f"given. Put one {IMAGE_PLACEHOLDER} where each image goes, or none to place all images before the text."
     )
+
+
+def _rescale_only(size: int) -> Callable[..., Tensor]:
+    """nanoVLM v0.1's preprocessing: bilinear resize, then [0, 1] (no mean / std)."""
+    from tinyvlm.image import ImageTransform
+
+    return ImageTransform(size=(size, size), resample=Image.Resampling.BILINEAR, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 def _token_id(tokenizer: "Tokenizer", token: str) -> int:

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from PIL import Image
+from torch import Tensor
 
 from tinyvlm.image import HALF, ImageTransform, to_rgb
 
@@ -96,6 +97,23 @@ class SmolVLMImageSplitter:
         tiles = [image.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)]
         return [*tiles, image.resize((t, t), self.resample)], rows, cols
 
+    def grid(self, image: Image.Image) -> tuple[int, int]:
+        """The ``(rows, cols)`` of `split` from the image size alone (no resizing)."""
+        if not self.do_image_splitting:
+            return 0, 0
+        height, width = image.height, image.width
+        if self.longest_edge is not None:
+            height, width = _longest_edge_size(height, width, self.longest_edge)
+        height, width = _tile_multiple_size(height, width, self.tile)
+        if height <= self.tile and width <= self.tile:
+            return 0, 0
+        return height // self.tile, width // self.tile
+
+    def pixel_values(self, image: Image.Image) -> Tensor:
+        """The ``[V, 3, tile, tile]`` views of one image in token order (tiles row-major, then global)."""
+        frames, _, _ = self.split(image)
+        return self.transform()(frames)
+
     def transform(self) -> ImageTransform:
         """Rescale + normalise of the (already tile-sized) frames."""
         return ImageTransform(size=(self.tile, self.tile), resample=self.resample, mean=HALF, std=HALF, backend="pil")
@@ -114,18 +132,14 @@ def image_prompt(rows: int, cols: int, image_seq_len: int) -> str:
     return text + "\n" + global_part
 
 
-def chat_prompt(messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-    """SmolVLM's chat template (``chat_template.json`` of the Hub repos) for messages whose ``content`` is a
-    string with ``<image>`` placeholders::
-
-        <|im_start|>User:<image>What is this?<end_of_utterance>\\nAssistant:
-
-    The role is capitalised and followed by ``":"`` when the message starts with an image, ``": "``
-    otherwise; each message ends with ``<end_of_utterance>\\n``.
-    """
-    text = "<|im_start|>"
-    for message in messages:
-        content = message["content"]
-        text += message["role"].capitalize() + (":" if content.startswith(IMAGE_TOKEN) else ": ")
-        text += content + END_OF_UTTERANCE + "\n"
-    return text + ("Assistant:" if add_generation_prompt else "")
+#: SmolVLM's chat template (the Hub repos' ``chat_template.json``) for messages whose ``content`` is a string
+#: with ``<image>`` placeholders (theirs takes lists of ``{"type": ...}`` parts and renders the same text)::
+#:
+#:     <|im_start|>User:<image>What is this?<end_of_utterance>\nAssistant:
+#:
+#: The role is capitalised and followed by ``":"`` when the message starts with an image, ``": "`` otherwise.
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'].startswith('<image>') %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{{ message['content'] }}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
