@@ -35,6 +35,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "tinyvlm.projectors.pixel_shuffle",
     "tinyvlm.decoders.llama",
     "tinyvlm.decoders.gemma3",
+    "tinyvlm.vlm",
 )
 
 INDEX_PATH = Path(__file__).with_name("zoo.json")
