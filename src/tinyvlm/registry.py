@@ -204,8 +204,8 @@ def _unknown_message(key: str, kind: Kind | None, specs: dict[str, ModelSpec]) -
     if key in specs:
         other = specs[key]
         return (
-            f"{key!r} is a {other.kind}, not a{'n' if what[0] in 'aeiou' else ''} {what}. "
-            f"Pass it where a {other.kind} is expected (see `tinyvlm list-models --kind {other.kind}`)."
+            f"{key!r} is {_a(other.kind)}, not {_a(what)}. "
+            f"Pass it where {_a(other.kind)} is expected (see `tinyvlm list-models --kind {other.kind}`)."
         )
     if "/" in key or key.startswith((".", "~")):
         return (
@@ -217,6 +217,10 @@ def _unknown_message(key: str, kind: Kind | None, specs: dict[str, ModelSpec]) -
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listing = f"tinyvlm list-models --kind {kind}" if kind else "tinyvlm list-models"
     return f"unknown {what} {key!r}.{hint} See `{listing}` for the zoo."
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _natural_key(key: str) -> list[Any]:
