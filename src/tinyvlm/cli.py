@@ -10,7 +10,7 @@ from typing import Sequence
 
 from tinyvlm import __version__
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.registry import KINDS, ModelSpec, list_models
+from tinyvlm.registry import KINDS, ModelSpec, get_spec, list_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="fetch checkpoints into the Hugging Face cache")
     download.add_argument("names", nargs="+", metavar="NAME")
     download.set_defaults(handler=cmd_download)
+
+    add_generate_parser(commands)
     return parser
 
 
@@ -146,6 +148,56 @@ def cmd_download(args: argparse.Namespace) -> int:
     for name in args.names:
         for model, folder in download_model(name):
             print(f"{model}: {folder}" if folder else f"{model}: nothing to download (random init or local folder)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    generate = commands.add_parser(
+        "generate", help="answer a prompt about images, streaming the answer",
+        description="Answer a prompt about one or more images with a saved VLM (--model) or one assembled from "
+        "an encoder and a decoder (the projector is then untrained: for trying the plumbing, not for answers).",
+    )
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="saved VLM folder, local-dir:PATH, hf-hub:ORG/NAME or a VLM recipe key")
+    source.add_argument("--encoder", help="vision encoder name (with --decoder)")
+    generate.add_argument("--decoder", help="language decoder name (with --encoder)")
+    generate.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-mlp)")
+    generate.add_argument("--image", nargs="+", default=[], metavar="PATH", help="image file(s), in prompt order")
+    generate.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    generate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    generate.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.hub import HF_HUB, LOCAL_DIR
+    from tinyvlm.vlm import build_vlm, load_vlm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model:
+        if args.decoder or args.projector:
+            raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
+        recipe = not args.model.startswith((HF_HUB, LOCAL_DIR)) and not os.path.isdir(args.model)
+        if recipe and not get_spec(args.model, kind="vlm").trained:
+            vlm = build_vlm(args.model, device=device)
+        else:
+            vlm = load_vlm(args.model, device=device)
+    else:
+        if not args.decoder:
+            raise ConfigError("--encoder needs --decoder (or use --model)")
+        vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device)
+    for piece in vlm.stream(
+        args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature
+    ):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 
