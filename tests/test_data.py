@@ -148,7 +148,7 @@ def test_encode_records_checks_length(folder: Path) -> None:
         1 + 2 + len("\nWhat colour?") + len("red"),
         1 + len("Be brief.") + 4 + len("Which is bigger?") + len("the first"),
     ]
-    with pytest.raises(DataError, match=r"1 record\(s\) longer than max_length=20: .*:2 \(39 tokens\)"):
+    with pytest.raises(DataError, match=r"1 record\(s\) cannot be used: .*:2: 39 tokens, more than max_length=20"):
         encode_records(records, fake_encode, max_length=20)
 
 

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(handler=cmd_download)
 
     add_generate_parser(commands)
+
+    add_train_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 
@@ -198,6 +201,91 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ):
         print(piece, end="", flush=True)
     print()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+#: ``tinyvlm train`` flags: (flag, type or action, help). Each maps to the `tinyvlm.train` option of the same
+#: name; a flag left out keeps that option's default (so the defaults live in one place, `TrainConfig`).
+_TRAIN_FLAGS: tuple[tuple[str, object, str], ...] = (
+    ("--model", str, "a VLM recipe (e.g. test-vlm) or saved VLM folder (local-dir:PATH) instead of the parts"),
+    ("--encoder", str, "vision encoder name"),
+    ("--decoder", str, "language decoder name"),
+    ("--projector", str, "projector name (default pixel-shuffle-mlp)"),
+    ("--data", str, "training data, JSONL (image paths relative to the file)"),
+    ("--output", str, "folder for metrics.jsonl, checkpoints/ and the final model/"),
+    ("--train", str, "parts to train: projector (default), all, or a list like projector,decoder"),
+    ("--max-steps", int, "optimizer steps (default: one pass over the data)"),
+    ("--batch-size", int, "samples per micro-batch and process (default 8)"),
+    ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--lr", float, "learning rate of every trained part (default: 1e-3 projector, 5e-5 encoder/decoder)"),
+    ("--lr-encoder", float, "encoder learning rate (overrides --lr)"),
+    ("--lr-projector", float, "projector learning rate (overrides --lr)"),
+    ("--lr-decoder", float, "decoder learning rate (overrides --lr)"),
+    ("--weight-decay", float, "AdamW weight decay of matrices (default 0.01)"),
+    ("--warmup-steps", int, "linear warm-up steps (default 5%% of the steps), then cosine"),
+    ("--min-lr-ratio", float, "final learning rate as a fraction of the peak (default 0.1)"),
+    ("--grad-clip", float, "clip the gradient norm (default 1.0)"),
+    ("--precision", str, "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16"),
+    ("--compile", "store_true", "torch.compile the model"),
+    ("--pack", "store_true", "pack several samples per row (needs --max-length)"),
+    ("--max-length", int, "longest sample / packed row in tokens"),
+    ("--val-data", str, "held-out JSONL (default: hold out --val-fraction of --data)"),
+    ("--val-fraction", float, "fraction of --data held out (default 0.05)"),
+    ("--eval-every", int, "evaluate every N steps (default: after the last step only)"),
+    ("--eval-samples", int, "held-out records answered for exact-match accuracy (default 256)"),
+    ("--max-new-tokens", int, "answer length limit when evaluating (default 32)"),
+    ("--checkpoint-every", int, "checkpoint every N steps, 0 for never (default 500)"),
+    ("--keep-checkpoints", int, "checkpoints kept (default 2)"),
+    ("--log-every", int, "log metrics every N steps (default 10)"),
+    ("--seed", int, "seed of initialisation, data order and split (default 0)"),
+    ("--resume", "store_true", "continue the run in --output from its last checkpoint"),
+    ("--device", str, "cpu, cuda, cuda:1... (default: cuda if available; torchrun: cuda:LOCAL_RANK)"),
+    ("--workers", int, "data-loading worker processes (default 0)"),
+)
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="fine-tune a VLM on JSONL conversations (also under torchrun)",
+        description="Fine-tune a VLM. Run under `torchrun --nproc-per-node N` for data parallelism.",
+    )
+    for flag, kind, help_text in _TRAIN_FLAGS:
+        if kind == "store_true":
+            train.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            train.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+    train.add_argument("--random-init", dest="pretrained", action="store_false", default=argparse.SUPPRESS,
+                       help="do not load pretrained weights (random initialisation)")
+    train.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                       help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tinyvlm.training import train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
+    train(**options)
+    return 0
+
+
+def add_demo_parser(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo", help="train a tiny VLM on synthetic shapes on the CPU (a few minutes, offline)",
+        description="Draw a synthetic shapes dataset, train a tiny VLM on it on the CPU, and show what it learned.",
+    )
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
+    demo.add_argument("--output", help="keep the dataset, metrics and model here (default: a temporary folder)")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tinyvlm.demo import run_demo
+
+    run_demo(steps=args.steps, seed=args.seed, output=args.output)
     return 0
 
 

@@ -18,6 +18,7 @@ nanoVLM's packing lets samples attend across their boundaries and continues posi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,15 +178,6 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def load_image(path: Path) -> Image.Image:
-    """The RGB image at ``path`` (a `DataError` if it became unreadable since validation)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"cannot read image {str(path)!r} ({error})") from None
-
-
 def split_records(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """A seeded held-out split: ``round(len * val_fraction)`` records (at least one when the fraction is
     positive), never all of them."""
@@ -214,27 +206,42 @@ class Example:
         return len(self.input_ids)
 
 
-#: ``encode(messages, images) -> (input_ids, labels)``: the processor's conversation encoder.
+#: ``encode(messages, images) -> (input_ids, labels)``: the processor's conversation encoder. An image is
+#: None when the token layout does not depend on it, else a lazily opened PIL image (its size is known).
 Encode = Callable[[list[dict[str, str]], Sequence[Image.Image | None]], tuple[list[int], list[int]]]
 
 
-def encode_records(records: Sequence[Record], encode: Encode, *, max_length: int | None) -> list[Example]:
-    """Encode every record (the text only: image tokens are counted, images are read at batch time).
-    A record longer than ``max_length`` is a `DataError`: cutting it would cut an image or the answer."""
-    examples, too_long = [], []
+def encode_records(
+    records: Sequence[Record], encode: Encode, *, max_length: int | None, needs_image_sizes: bool = False
+) -> list[Example]:
+    """Encode every record's text (image tokens are counted; pixels are read at batch time, and the image
+    headers only when ``needs_image_sizes``, i.e. image splitting). A record longer than ``max_length`` is a
+    `DataError`: cutting it would cut an image or the answer. All bad records are reported at once."""
+    examples, problems = [], []
     for record in records:
-        input_ids, labels = encode(list(record.messages), [None] * len(record.images))
+        with contextlib.ExitStack() as stack:
+            images = [
+                stack.enter_context(Image.open(path)) if needs_image_sizes else None for path in record.images
+            ]
+            try:
+                input_ids, labels = encode(list(record.messages), images)
+            except DataError as error:
+                problems.append(f"{record.where}: {error}")
+                continue
         if max_length is not None and len(input_ids) > max_length:
-            too_long.append(f"{record.where} ({len(input_ids)} tokens)")
-            continue
-        if all(label == IGNORE_INDEX for label in labels):
-            raise DataError(f"{record.where}: encodes to no trainable tokens (empty assistant turns?)")
-        examples.append(Example(list(input_ids), list(labels), record.images))
-    if too_long:
-        shown = ", ".join(too_long[:MAX_REPORTED_PROBLEMS])
+            problems.append(
+                f"{record.where}: {len(input_ids)} tokens, more than max_length={max_length} "
+                "(raise max_length or shorten the record)"
+            )
+        elif all(label == IGNORE_INDEX for label in labels):
+            problems.append(f"{record.where}: encodes to no trainable tokens (empty assistant turns?)")
+        else:
+            examples.append(Example(list(input_ids), list(labels), record.images))
+    if problems:
+        shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
+        more = len(problems) - MAX_REPORTED_PROBLEMS
         raise DataError(
-            f"{len(too_long)} record(s) longer than max_length={max_length}: {shown}. "
-            "Raise max_length or shorten these records."
+            f"{len(problems)} record(s) cannot be used: {shown}" + (f"; ... and {more} more" if more > 0 else "")
         )
     return examples
 
@@ -392,19 +399,19 @@ class StepSampler:
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    """Map-style dataset of encoded examples; images are read and preprocessed when an item is fetched."""
+    """Map-style dataset of encoded examples; images are read and preprocessed when an item is fetched by
+    ``pixel_values(paths) -> [views, 3, H, W]`` (the processor's, in token order)."""
 
-    def __init__(self, examples: Sequence[Example], preprocess: Callable[[list[Image.Image]], Tensor]):
+    def __init__(self, examples: Sequence[Example], pixel_values: Callable[[Sequence[Path]], Tensor]):
         self.examples = list(examples)
-        self.preprocess = preprocess
+        self.pixel_values = pixel_values
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> tuple[Example, Tensor]:
         example = self.examples[index]
-        images = [load_image(path) for path in example.images]
-        pixels = self.preprocess(images) if images else torch.empty(0, 3, 0, 0)
+        pixels = self.pixel_values(example.images) if example.images else torch.empty(0, 3, 0, 0)
         return example, pixels
 
 
