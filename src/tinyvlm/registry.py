@@ -36,6 +36,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "tinyvlm.decoders.llama",
     "tinyvlm.decoders.gemma3",
     "tinyvlm.vlm",
+    "tinyvlm.pretrained.smolvlm",
+    "tinyvlm.pretrained.nanovlm",
 )
 
 INDEX_PATH = Path(__file__).with_name("zoo.json")

@@ -414,8 +414,6 @@ def build_vlm(
     if dtype is not None and not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating-point dtype (torch.float32 / bfloat16), got {dtype}")
     config = _vlm_config(encoder, decoder, projector, encoder_kwargs, decoder_kwargs, projector_kwargs, processor_kwargs)
-    if isinstance(config, str):  # a trained zoo VLM
-        return load_vlm(config, dtype=dtype, device=device)
     from tinyvlm.factory import build_module
     from tinyvlm.hub import model_folder, parse_name
     from tinyvlm.tokenizer import load_tokenizer
@@ -458,10 +456,9 @@ def _vlm_config(
     decoder_kwargs: dict[str, Any] | None,
     projector_kwargs: dict[str, Any] | None,
     processor_kwargs: dict[str, Any] | None,
-) -> VLMConfig | str:
-    """The config to build: from an encoder + decoder pair, or a recipe with the options merged in; the
-    zoo key itself for a trained zoo VLM (loaded as saved)."""
-    overrides = {"encoder": encoder_kwargs, "decoder": decoder_kwargs, "projector": projector_kwargs}
+) -> VLMConfig:
+    """The config to build: from an encoder + decoder pair, or a recipe with the options merged in (a trained
+    zoo VLM is an error: it is loaded with `load_vlm`)."""
     if decoder is not None:
         if not isinstance(encoder, str):
             raise ConfigError("build_vlm(encoder, decoder): pass names; pass a VLMConfig alone")
@@ -481,9 +478,10 @@ def _vlm_config(
 
         spec = get_spec(encoder, kind="vlm")
         if spec.trained:
-            if any((projector, *overrides.values(), processor_kwargs)):
-                raise ConfigError(f"{encoder!r} is a trained VLM: load it as saved (tinyvlm.load_vlm), without overrides")
-            return encoder
+            raise ConfigError(
+                f"{encoder!r} is a trained VLM: load it with tinyvlm.load_vlm({encoder!r}) "
+                "(build_vlm assembles recipes and encoder + decoder pairs)"
+            )
         recipe = spec.config  # type: ignore[assignment]
     return recipe.replace(
         projector=projector or recipe.projector,
@@ -548,6 +546,11 @@ def load_vlm(name: str | Path, *, dtype: torch.dtype | None = None, device: torc
     from tinyvlm.tokenizer import Tokenizer
     from tinyvlm.weights import KeyMap, load_checkpoint, safetensors_files
 
+    from tinyvlm.pretrained import load_foreign
+
+    foreign = load_foreign(str(name), dtype=dtype, device=device)  # SmolVLM / nanoVLM checkpoints
+    if foreign is not None:
+        return foreign
     folder = _model_folder(str(name))
     config = VLMConfig.from_hf(read_config(folder))
     if config.parts is None:

@@ -22,13 +22,25 @@ frame sequences with timestamps in the prompt).
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from tinyvlm.config import require
 from tinyvlm.decoders.llama import LlamaConfig
 from tinyvlm.encoders.siglip import SiglipConfig
 from tinyvlm.errors import ConfigError
-from tinyvlm.weights import KeyMap
+from tinyvlm.layers import RopeConfig
+from tinyvlm.pretrained.smolvlm_processing import CHAT_TEMPLATE, GLOBAL_TOKEN, IMAGE_TOKEN
+from tinyvlm.processor import ImageTokenConfig
+from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
+from tinyvlm.registry import Family, register_family, register_model
+from tinyvlm.tokenizer import Tokenizer
+from tinyvlm.vlm import VLM, BuiltParts, PartRecord, VLMConfig
+from tinyvlm.weights import KeyMap, load_checkpoint, safetensors_files
 
 #: ``model_type`` values of their config.json files.
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -72,3 +84,155 @@ def key_map(tied: bool) -> KeyMap:
     if tied:
         return KeyMap(rename=rename, unused=(r"lm_head\.weight",))
     return KeyMap(rename=(*rename, (r"lm_head\.weight", "decoder.lm_head.weight")))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def vlm_config(folder: Path, hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig:
+    """The `VLMConfig` of a SmolVLM folder: its ``config.json``, ``preprocessor_config.json`` (image
+    splitting) and ``processor_config.json`` (``image_seq_len``), checked against each other."""
+    vision, text = vision_config(hf), text_config(hf)
+    pre = _read_json(folder / "preprocessor_config.json")
+    tile = (pre.get("max_image_size") or {}).get("longest_edge", vision.image_size)
+    problems = []
+    if tile != vision.image_size:
+        problems.append(f"tiles of {tile} px but a vision tower at {vision.image_size} px")
+    if pre.get("resample", 1) != 1:
+        problems.append(f"resample={pre['resample']} (tinyvlm implements SmolVLM's LANCZOS, 1)")
+    for key in ("image_mean", "image_std"):
+        if pre.get(key, [0.5] * 3) != [0.5] * 3:
+            problems.append(f"{key}={pre[key]} (tinyvlm implements 0.5)")
+    if not pre.get("do_pad", True) or not pre.get("do_normalize", True) or not pre.get("do_rescale", True):
+        problems.append("do_pad / do_normalize / do_rescale switched off")
+    scale = hf.get("scale_factor", 2)
+    grid = vision.image_size // vision.patch_size
+    if grid % scale:
+        problems.append(f"scale_factor {scale} does not divide the {grid}x{grid} patch grid")
+    seq_len = _read_json(folder / "processor_config.json").get("image_seq_len", (grid // scale) ** 2)
+    if seq_len != (grid // scale) ** 2:
+        problems.append(f"image_seq_len {seq_len} but the connector gives {(grid // scale) ** 2} features per tile")
+    if tokenizer.token_to_id(IMAGE_TOKEN) != hf.get("image_token_id"):
+        problems.append(f"image_token_id {hf.get('image_token_id')} is not the tokenizer's {IMAGE_TOKEN!r}")
+    if problems:
+        raise ConfigError(f"{folder}: unsupported SmolVLM settings: {'; '.join(problems)}")
+    stops = _read_json(folder / "generation_config.json").get("eos_token_id")
+    if stops is not None:  # transformers' generate stops on generation_config.json's ids (<end_of_utterance>)
+        text = text.replace(eos_token_ids=[stops] if isinstance(stops, int) else list(stops))
+    resize = pre.get("size", {}).get("longest_edge", 4 * tile) if pre.get("do_resize", True) else None
+    tokens = ImageTokenConfig(
+        layout="smolvlm",
+        image_token=IMAGE_TOKEN,
+        global_image_token=GLOBAL_TOKEN,
+        tile_token="<row_{row}_col_{col}>",
+        split_images=pre.get("do_image_splitting", True),
+        max_grid=min(8, max(1, math.ceil((resize or tile) / tile))),
+        resize_longest_edge=resize,
+    )
+    projector = PixelShuffleConfig(head="linear", bias=False, factor=scale, in_dim=vision.hidden_size, out_dim=text.hidden_size)
+    marker_ids = [tokenizer.token_to_id(token) for token in tokens.marker_tokens()]
+    if None in marker_ids:
+        raise ConfigError(f"{folder}: the tokenizer lacks SmolVLM's image tokens {tokens.marker_tokens()}")
+    parts = BuiltParts(
+        encoder=PartRecord(family_name="siglip", config=vision.model_dump(mode="json")),
+        decoder=PartRecord(family_name="llama", config=text.model_dump(mode="json")),
+        projector=PartRecord(family_name="pixel-shuffle", config=projector.model_dump(mode="json")),
+        image_token_id=hf["image_token_id"],
+        marker_token_ids=marker_ids,
+    )
+    return VLMConfig(
+        encoder=name,
+        decoder=name,
+        projector="pixel-shuffle-linear",
+        projector_kwargs={"factor": scale},
+        image_tokens=tokens,
+        parts=parts,
+    )
+
+
+def load(
+    folder: Path, hf: dict[str, Any], *, name: str, dtype: torch.dtype | None, device: torch.device | str | None
+) -> VLM:
+    """A SmolVLM folder in its Hub layout -> a tinyvlm `VLM` (built on meta, loaded strictly)."""
+    tokenizer = Tokenizer.from_folder(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = vlm_config(folder, hf, name, tokenizer)
+    with torch.device("meta"):
+        vlm = VLM.from_config(config)
+    tied = config.parts.decoder.config["tie_word_embeddings"]  # type: ignore[union-attr]
+    load_checkpoint(vlm, safetensors_files(folder), key_map(tied), dtype=dtype, device=device)
+    vlm.tokenizer = tokenizer
+    return vlm.eval()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _family_key_map(config: VLMConfig) -> KeyMap:
+    return key_map(bool(config.parts and config.parts.decoder.config.get("tie_word_embeddings")))
+
+
+register_family(
+    Family(
+        name="smolvlm",
+        kind="vlm",
+        config_cls=VLMConfig,
+        build=VLM.from_config,
+        key_map=_family_key_map,
+        hf_model_types=MODEL_TYPES,
+    )
+)
+
+# ------------------------------------------------------------------------------------------------- zoo
+# The configs below are what `tinyvlm list-models` shows (parameters, widths); loading reads the repo's own
+# config.json, preprocessor_config.json and tokenizer files.
+
+
+def _zoo_config(repo: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> VLMConfig:
+    """SigLIP-B/16-512 tower, shuffle 4 (64 tokens per 512-px tile), a SmolLM2 decoder with SmolVLM's
+    49280-token vocabulary (``<image>`` 49190, ``<fake_token_around_image>`` 49189, ``<global-img>`` 49152,
+    ``<row_r_col_c>`` 49152 + 6 (r - 1) + c), untied head, stop on ``<end_of_utterance>`` (49279)."""
+    vision = SiglipConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          image_size=512, patch_size=16)  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=49280, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=hidden // heads, rms_norm_eps=1e-5, hidden_act="silu",
+        tie_word_embeddings=False, max_position_embeddings=8192, rope=RopeConfig(theta=100000.0),
+        bos_token_id=1, eos_token_ids=[49279], pad_token_id=2,
+    )  # fmt: skip
+    tokens = ImageTokenConfig(
+        layout="smolvlm", image_token=IMAGE_TOKEN, global_image_token=GLOBAL_TOKEN, tile_token="<row_{row}_col_{col}>",
+        split_images=True, max_grid=4, resize_longest_edge=2048,
+    )  # fmt: skip
+    projector = PixelShuffleConfig(head="linear", bias=False, factor=4, in_dim=768, out_dim=hidden)
+    tiles = [49152 + 6 * (r - 1) + c for r in range(1, 5) for c in range(1, 5)]
+    parts = BuiltParts(
+        encoder=PartRecord(family_name="siglip", config=vision.model_dump(mode="json")),
+        decoder=PartRecord(family_name="llama", config=text.model_dump(mode="json")),
+        projector=PartRecord(family_name="pixel-shuffle", config=projector.model_dump(mode="json")),
+        image_token_id=49190,
+        marker_token_ids=[49189, 49152, *tiles],
+    )
+    name = f"hf-hub:{repo}"
+    return VLMConfig(encoder=name, decoder=name, projector="pixel-shuffle-linear", projector_kwargs={"factor": 4},
+                     image_tokens=tokens, parts=parts)  # fmt: skip
+
+
+_SMOLLM2_135M = (576, 30, 9, 3, 1536)
+_SMOLLM2_360M = (960, 32, 15, 5, 2560)
+for _key, _repo, _text, _what in (
+    ("smolvlm-256m-instruct", "HuggingFaceTB/SmolVLM-256M-Instruct", _SMOLLM2_135M, "SmolVLM-256M-Instruct (Idefics3)"),
+    ("smolvlm-500m-instruct", "HuggingFaceTB/SmolVLM-500M-Instruct", _SMOLLM2_360M, "SmolVLM-500M-Instruct (Idefics3)"),
+    ("smolvlm2-256m-video-instruct", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct", _SMOLLM2_135M,
+     "SmolVLM2-256M-Video-Instruct, image path (videos not supported)"),
+):
+    register_model(
+        _key,
+        family="smolvlm",
+        config=_zoo_config(_repo, *_text),
+        hub_repo=_repo,
+        license="apache-2.0",
+        description=f"{_what}: SigLIP-B/16-512 + SmolLM2, 512-px tiles of 64 tokens + a global view; trained",
+        trained=True,
+    )

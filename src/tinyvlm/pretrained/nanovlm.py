@@ -1,0 +1,245 @@
+"""nanoVLM checkpoints (github.com/huggingface/nanoVLM) in tinyvlm's own parts.
+
+A nanoVLM folder holds a flat ``config.json`` (its ``VLMConfig`` dataclass: ``vit_*``, ``lm_*``, ``mp_*``;
+no ``model_type``) and ``model.safetensors`` with three modules: ``vision_encoder`` (a SigLIP ViT with a fused
+``qkv_proj`` and a ``[1, N, D]`` position parameter), ``MP`` (pixel shuffle + one bias-free Linear) and
+``decoder`` (Llama; a tied head is stored once, as ``decoder.head.weight``, because safetensors keeps the
+first name of a shared tensor in sorted order). It loads as tinyvlm's ``siglip`` encoder +
+``pixel-shuffle-linear`` projector (nanoVLM's channel order) + ``llama`` decoder.
+
+Two prompt layouts are read, told apart by ``config.json``:
+
+* **v0.1** (``lusxvr/nanoVLM-222M``; no ``vlm_extra_tokens``): the image's ``mp_image_token_length``
+  features go *before* the prompt's tokens; the vocabulary has no image token. tinyvlm adds a
+  ``<|image|>`` placeholder to the tokenizer (beyond the embedding matrix: its row is never looked up), so
+  a prompt without an ``<image>`` placeholder gets exactly nanoVLM's layout. nanoVLM v0.1 prompted with
+  ``"Question: {question} Answer:"`` and no chat template; pass prompts in that form.
+* **image token** (``vlm_extra_tokens = {"image_token": "<|image|>"}``, mid-2025): ``mp_image_token_length``
+  ``<|image|>`` tokens (a row of the extended vocabulary) where the image goes, ``lm_chat_template``.
+
+Both preprocess images as nanoVLM does: bilinear resize to ``vit_img_size`` and ``ToTensor`` (values in
+[0, 1], no mean / std). Checkpoints with image splitting (``<|global_image|>`` / ``<row_i_col_j>`` tokens,
+nanoVLM >= 2025-09) use a different split rule and are refused with a `ConfigError`.
+
+The tokenizer is not in a nanoVLM folder: it is ``lm_tokenizer`` (a Hub repo, or a local folder), fetched
+separately. nanoVLM's RoPE rescales positions beyond ``lm_max_position_embeddings`` (8192) on the fly;
+tinyvlm's decoder is exact up to that length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from tinyvlm.config import require
+from tinyvlm.decoders.llama import LlamaConfig
+from tinyvlm.encoders.siglip import SiglipConfig
+from tinyvlm.errors import ConfigError
+from tinyvlm.layers import RopeConfig
+from tinyvlm.processor import ImageTokenConfig
+from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
+from tinyvlm.registry import Family, register_family, register_model
+from tinyvlm.tokenizer import Tokenizer
+from tinyvlm.vlm import VLM, BuiltParts, PartRecord, VLMConfig
+from tinyvlm.weights import KeyMap, load_checkpoint, safetensors_files
+
+#: The placeholder tinyvlm uses for v0.1 checkpoints, whose vocabulary has no image token.
+V01_IMAGE_TOKEN = "<|image|>"
+
+
+def is_nanovlm_config(hf: dict[str, Any]) -> bool:
+    """nanoVLM's config.json has no ``model_type``; its flat ``vit_*`` / ``lm_*`` fields tell it apart."""
+    return "model_type" not in hf and "vit_hidden_dim" in hf and "lm_hidden_dim" in hf
+
+
+def vision_config(hf: dict[str, Any]) -> SiglipConfig:
+    if hf.get("vit_cls_flag", False):
+        raise ConfigError("nanoVLM checkpoint with vit_cls_flag=true (a CLS token): tinyvlm reads CLS-free ViTs only")
+    return SiglipConfig(
+        hidden_size=hf["vit_hidden_dim"],
+        intermediate_size=hf["vit_inter_dim"],
+        num_hidden_layers=hf["vit_n_blocks"],
+        num_attention_heads=hf["vit_n_heads"],
+        image_size=hf["vit_img_size"],
+        patch_size=hf["vit_patch_size"],
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=hf.get("vit_ln_eps", 1e-6),
+    )
+
+
+def text_config(hf: dict[str, Any], tokenizer: Tokenizer) -> LlamaConfig:
+    require(hf, "lm_attn_scaling", 1.0, family="nanovlm")
+    heads = hf["lm_n_heads"]
+    eos = hf.get("lm_eos_token_id", tokenizer.eos_token_id)
+    return LlamaConfig(
+        vocab_size=hf["lm_vocab_size"],
+        hidden_size=hf["lm_hidden_dim"],
+        intermediate_size=hf["lm_inter_dim"],
+        num_layers=hf["lm_n_blocks"],
+        num_heads=heads,
+        num_kv_heads=hf["lm_n_kv_heads"],
+        head_dim=hf["lm_hidden_dim"] // heads,
+        rms_norm_eps=hf["lm_rms_eps"],
+        hidden_act="silu",
+        tie_word_embeddings=hf.get("lm_tie_weights", True),
+        max_position_embeddings=hf.get("lm_max_position_embeddings", 8192),
+        rope=RopeConfig(theta=float(hf["lm_re_base"])),
+        eos_token_ids=[] if eos is None else [eos],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def key_map(tied: bool, stored_embedding: bool) -> KeyMap:
+    """nanoVLM's names -> tinyvlm's. ``stored_embedding``: whether ``decoder.token_embedding.weight`` is in the
+    file (a tied head is stored once, under whichever name safetensors kept)."""
+    rename = [
+        (r"vision_encoder\.patch_embedding\.conv\.(weight|bias)", r"encoder.embeddings.patch_embedding.\1"),
+        (r"vision_encoder\.patch_embedding\.position_embedding", "encoder.embeddings.position_embedding.weight"),
+        (r"vision_encoder\.blocks\.(\d+)\.ln1\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+        (r"vision_encoder\.blocks\.(\d+)\.ln2\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+        (r"vision_encoder\.blocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+        (r"vision_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.\2.\3"),
+        (r"vision_encoder\.layer_norm\.(weight|bias)", r"encoder.post_layernorm.\1"),
+        (r"MP\.proj\.weight", "projector.proj.weight"),
+        (r"decoder\.token_embedding\.weight", "decoder.embed_tokens.weight"),
+        (r"decoder\.blocks\.(\d+)\.norm1\.weight", r"decoder.layers.\1.input_layernorm.weight"),
+        (r"decoder\.blocks\.(\d+)\.norm2\.weight", r"decoder.layers.\1.post_attention_layernorm.weight"),
+        (r"decoder\.blocks\.(\d+)\.attn\.(q|k|v)_proj\.weight", r"decoder.layers.\1.self_attn.\2_proj.weight"),
+        (r"decoder\.blocks\.(\d+)\.attn\.out_proj\.weight", r"decoder.layers.\1.self_attn.o_proj.weight"),
+        (r"decoder\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"decoder.layers.\1.mlp.\2_proj.weight"),
+        (r"decoder\.norm\.weight", "decoder.norm.weight"),
+    ]
+    unused: tuple[str, ...] = ()
+    if not tied:
+        rename.append((r"decoder\.head\.weight", "decoder.lm_head.weight"))
+    elif stored_embedding:
+        unused = (r"decoder\.head\.weight",)  # a second copy of the tied embedding
+    else:
+        rename.append((r"decoder\.head\.weight", "decoder.embed_tokens.weight"))
+    qkv = tuple(rf"encoder.layers.\1.self_attn.{p}_proj.\2" for p in "qkv")
+    return KeyMap(
+        rename=tuple(rename),
+        unused=unused,
+        split=((r"vision_encoder\.blocks\.(\d+)\.attn\.qkv_proj\.(weight|bias)", qkv),),
+        squeeze=(r"vision_encoder\.patch_embedding\.position_embedding",),
+    )
+
+
+def load_tokenizer(hf: dict[str, Any]) -> Tokenizer:
+    """``lm_tokenizer``: a local folder, or a Hub repo whose tokenizer files are fetched."""
+    name = hf.get("lm_tokenizer")
+    if not name:
+        raise ConfigError("nanoVLM config.json names no lm_tokenizer")
+    if Path(name).expanduser().is_dir():
+        return Tokenizer.from_folder(Path(name).expanduser())
+    from tinyvlm.hub import TOKENIZER_FILES, _fetch, _fetch_optional
+
+    folder = _fetch(name, "tokenizer.json", None).parent
+    for filename in TOKENIZER_FILES[1:]:
+        _fetch_optional(name, filename, folder.name)
+    return Tokenizer.from_folder(folder)
+
+
+def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig:
+    """The `VLMConfig` of a nanoVLM ``config.json``; adds the v0.1 placeholder to ``tokenizer``."""
+    extra = hf.get("vlm_extra_tokens")
+    if extra is not None and set(extra) != {"image_token"}:
+        raise ConfigError(
+            f"{name}: a nanoVLM checkpoint with image splitting (extra tokens {sorted(extra)}) is not supported "
+            "yet: tinyvlm reads v0.1 (image before the text) and single-image <|image|> checkpoints"
+        )
+    vision = vision_config(hf)
+    text = text_config(hf, tokenizer)
+    factor = hf["mp_pixel_shuffle_factor"]
+    grid = vision.image_size // vision.patch_size
+    if grid % factor:
+        raise ConfigError(f"{name}: mp_pixel_shuffle_factor {factor} does not divide the {grid}x{grid} patch grid")
+    per_image = (grid // factor) ** 2
+    if hf.get("mp_image_token_length", per_image) != per_image:
+        raise ConfigError(f"{name}: mp_image_token_length {hf['mp_image_token_length']} but the projector gives {per_image}")
+    if extra is None:
+        image_token = V01_IMAGE_TOKEN
+        tokenizer.add_special_tokens([image_token])
+        tokenizer.chat_template = None  # v0.1 prompts are plain text
+    else:
+        image_token = extra["image_token"]
+        tokenizer.add_special_tokens([image_token])
+        tokenizer.chat_template = hf.get("lm_chat_template", tokenizer.chat_template)
+        if tokenizer.token_to_id(image_token) >= text.vocab_size:
+            raise ConfigError(f"{name}: {image_token!r} has no embedding row (lm_vocab_size {text.vocab_size})")
+    projector = PixelShuffleConfig(head="linear", bias=False, factor=factor, in_dim=vision.hidden_size, out_dim=text.hidden_size)
+    parts = BuiltParts(
+        encoder=PartRecord(family_name="siglip", config=vision.model_dump(mode="json")),
+        decoder=PartRecord(family_name="llama", config=text.model_dump(mode="json")),
+        projector=PartRecord(family_name="pixel-shuffle", config=projector.model_dump(mode="json")),
+        image_token_id=tokenizer.token_to_id(image_token),
+    )
+    return VLMConfig(
+        encoder=name,
+        decoder=name,
+        projector="pixel-shuffle-linear",
+        projector_kwargs={"factor": factor},
+        image_tokens=ImageTokenConfig(image_token=image_token, split_images=False, rescale_only=True),
+        parts=parts,
+    )
+
+
+def load(
+    folder: Path, hf: dict[str, Any], *, name: str, dtype: torch.dtype | None, device: torch.device | str | None
+) -> VLM:
+    """A nanoVLM folder -> a tinyvlm `VLM` (built on meta, loaded strictly through the key map)."""
+    tokenizer = load_tokenizer(hf)
+    config = vlm_config(hf, name, tokenizer)
+    files = safetensors_files(folder)
+    keys = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            keys.update(handle.keys())
+    with torch.device("meta"):
+        vlm = VLM.from_config(config)
+    tied = bool(hf.get("lm_tie_weights", True))
+    load_checkpoint(vlm, files, key_map(tied, "decoder.token_embedding.weight" in keys), dtype=dtype, device=device)
+    vlm.tokenizer = tokenizer
+    return vlm.eval()
+
+
+register_family(Family(name="nanovlm", kind="vlm", config_cls=VLMConfig, build=VLM.from_config))
+
+# ------------------------------------------------------------------------------------------------- zoo
+
+
+def _zoo_config_222m() -> VLMConfig:
+    """lusxvr/nanoVLM-222M (nanoVLM v0.1): SigLIP-B/16-224 + SmolLM2-135M (cosmo2 tokenizer, 49152 tokens,
+    tied head), shuffle 2 + Linear: 49 image features before the text."""
+    vision = SiglipConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          image_size=224, patch_size=16)  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+        head_dim=64, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=True, max_position_embeddings=8192,
+        rope=RopeConfig(theta=100000.0), eos_token_ids=[0],
+    )  # fmt: skip
+    projector = PixelShuffleConfig(head="linear", bias=False, factor=2, in_dim=768, out_dim=576)
+    parts = BuiltParts(
+        encoder=PartRecord(family_name="siglip", config=vision.model_dump(mode="json")),
+        decoder=PartRecord(family_name="llama", config=text.model_dump(mode="json")),
+        projector=PartRecord(family_name="pixel-shuffle", config=projector.model_dump(mode="json")),
+        image_token_id=49152,  # the placeholder tinyvlm appends to the 49152-token vocabulary
+    )
+    name = "hf-hub:lusxvr/nanoVLM-222M"
+    return VLMConfig(encoder=name, decoder=name, projector="pixel-shuffle-linear", projector_kwargs={"factor": 2},
+                     image_tokens=ImageTokenConfig(image_token=V01_IMAGE_TOKEN, rescale_only=True), parts=parts)  # fmt: skip
+
+
+register_model(
+    "lusxvr-nanovlm-222m",
+    family="nanovlm",
+    config=_zoo_config_222m(),
+    hub_repo="lusxvr/nanoVLM-222M",
+    license="mit",
+    description="nanoVLM-222M as published (v0.1): SigLIP-B/16-224 + SmolLM2-135M, 49 image tokens; trained. "
+    'Prompt as nanoVLM did: "Question: ... Answer:"',
+    trained=True,
+)
