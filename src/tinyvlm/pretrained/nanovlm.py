@@ -206,7 +206,13 @@ def load(
     return vlm.eval()
 
 
-register_family(Family(name="nanovlm", kind="vlm", config_cls=VLMConfig, build=VLM.from_config))
+def _family_key_map(config: VLMConfig) -> KeyMap:
+    """The layout ``save_pretrained`` of nanoVLM writes (a tied embedding stored as ``decoder.head.weight``)."""
+    tied = bool(config.parts and config.parts.decoder.config.get("tie_word_embeddings"))
+    return key_map(tied, stored_embedding=not tied)
+
+
+register_family(Family(name="nanovlm", kind="vlm", config_cls=VLMConfig, build=VLM.from_config, key_map=_family_key_map))
 
 # ------------------------------------------------------------------------------------------------- zoo
 
