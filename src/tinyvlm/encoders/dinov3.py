@@ -161,8 +161,9 @@ class DINOv3Block(nn.Module):
         self.layer_scale2 = LayerScale(dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.layer_scale1(self.attention(self.norm1(x), cos, sin))
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+        # x + lambda1 * branch, as one fused op (addcmul) instead of a multiply and an add
+        x = torch.addcmul(x, self.layer_scale1.lambda1, self.attention(self.norm1(x), cos, sin))
+        return torch.addcmul(x, self.layer_scale2.lambda1, self.mlp(self.norm2(x)))
 
 
 class DINOv3Encoder(Encoder):
