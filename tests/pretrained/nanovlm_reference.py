@@ -30,6 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 @dataclass
 class NanoConfig:
     vit_hidden_dim: int = 32
@@ -223,25 +229,33 @@ class LanguageModel(nn.Module):
 
 
 class VisionLanguageModel(nn.Module):
-    """nanoVLM v0.1: ``[image embeddings ; token embeddings]`` through the decoder."""
+    """nanoVLM: v0.1 puts ``[image embeddings ; token embeddings]`` through the decoder; the image-token
+    versions (``image_token_id`` given) overwrite the embeddings of the ``<|image|>`` positions in order."""
 
-    def __init__(self, cfg: NanoConfig) -> None:
+    def __init__(self, cfg: NanoConfig, image_token_id: int | None = None) -> None:
         super().__init__()
         self.vision_encoder = ViT(cfg)
         self.decoder = LanguageModel(cfg)
         self.MP = ModalityProjector(cfg)
+        self.image_token_id = image_token_id
+
+    def embeddings(self, input_ids: Tensor, image: Tensor) -> Tensor:
+        image_embd = self.MP(self.vision_encoder(image))
+        token_embd = self.decoder.token_embedding(input_ids)
+        if self.image_token_id is None:
+            return torch.cat((image_embd, token_embd), dim=1)
+        token_embd = token_embd.clone()
+        token_embd[input_ids == self.image_token_id] = image_embd.reshape(-1, image_embd.shape[-1])
+        return token_embd
 
     def forward(self, input_ids: Tensor, image: Tensor) -> Tensor:
-        """Logits over the text positions (the image positions are dropped, as nanoVLM's loss does)."""
-        image_embd = self.MP(self.vision_encoder(image))
-        hidden = self.decoder(torch.cat((image_embd, self.decoder.token_embedding(input_ids)), dim=1))
-        return self.decoder.head(hidden)[:, image_embd.shape[1] :]
+        """Logits over all positions (image positions first for v0.1)."""
+        return self.decoder.head(self.decoder(self.embeddings(input_ids, image)))
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, image: Tensor, max_new_tokens: int) -> Tensor:
         """Greedy, recomputing the whole sequence each step; returns the new token ids."""
-        image_embd = self.MP(self.vision_encoder(image))
-        embeds = torch.cat((image_embd, self.decoder.token_embedding(input_ids)), dim=1)
+        embeds = self.embeddings(input_ids, image)
         new = []
         for _ in range(max_new_tokens):
             logits = self.decoder.head(self.decoder(embeds)[:, -1])
@@ -251,8 +265,20 @@ class VisionLanguageModel(nn.Module):
         return torch.cat(new, dim=1)
 
 
-def config_json(cfg: NanoConfig, tokenizer: str) -> dict:
-    """nanoVLM v0.1's flat ``config.json`` (the fields of its ``VLMConfig`` dataclass)."""
+def config_json(cfg: NanoConfig, tokenizer: str, image_token: str | None = None) -> dict:
+    """nanoVLM's flat ``config.json`` (the fields of its ``VLMConfig`` dataclass): v0.1's, or with
+    ``image_token`` the mid-2025 one (``vlm_extra_tokens``, ``mp_image_token_length``, a chat template)."""
+    if image_token is not None:
+        side = cfg.vit_img_size // cfg.vit_patch_size // cfg.mp_pixel_shuffle_factor
+        return {
+            **config_json(cfg, tokenizer),
+            "lm_base_vocab_size": cfg.lm_vocab_size - 1,
+            "extra_token_amount": 1,
+            "lm_chat_template": CHAT_TEMPLATE,
+            "mp_image_token_length": side * side,
+            "vlm_extra_tokens": {"image_token": image_token},
+            "hf_repo_name": "nanoVLM",
+        }
     return {
         "vit_hidden_dim": cfg.vit_hidden_dim,
         "vit_inter_dim": cfg.vit_inter_dim,

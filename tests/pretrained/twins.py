@@ -26,11 +26,6 @@ SMOLVLM_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-NANOVLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-    "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 _CORPUS = [
     "What is in this image? A red square on a blue background.",
     "User: describe the picture. Assistant: a cat sitting on a mat, next to a green ball.",
@@ -206,3 +201,26 @@ def hf_processor(folder: Path):
         image_seq_len=image_seq_len,
         chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
+
+
+def write_nanovlm_twin(folder: Path, *, image_token: str | None = None, tied: bool = True, seed: int = 0):
+    """A tiny nanoVLM checkpoint in nanoVLM's own layout: ``config.json`` + ``model.safetensors`` written with
+    ``safetensors.torch.save_model`` as nanoVLM's ``save_pretrained`` does, and its ``lm_tokenizer`` in a
+    sibling folder (nanoVLM folders carry no tokenizer). ``image_token=None``: v0.1 (image before the text);
+    ``"<|image|>"``: the image-token version (one more vocabulary row). Returns the reference model."""
+    from nanovlm_reference import NanoConfig, VisionLanguageModel, config_json
+    from safetensors.torch import save_model
+
+    tokenizer_folder = folder.parent / f"{folder.name}-tokenizer"
+    tokenizer_folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    _write_tokenizer_files(tokenizer_folder, tokenizer, bos="<|endoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
+    base = tokenizer.get_vocab_size()
+    cfg = NanoConfig(lm_vocab_size=base + (image_token is not None), lm_tie_weights=tied)
+    torch.manual_seed(seed)
+    model = VisionLanguageModel(cfg, image_token_id=None if image_token is None else base).eval()
+    perturb(model, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_json(cfg, str(tokenizer_folder), image_token), indent=4))
+    save_model(model, str(folder / "model.safetensors"))
+    return model
