@@ -713,8 +713,7 @@ register_model(
         encoder="dinov3-vits16plus", decoder="gemma-3-270m-it", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2}
     ),
     license="dinov3-license + gemma",
-    gated=True,
-    description="DINOv3 ViT-S/16+ + Gemma-3-270M-it, pixel shuffle 2 + Linear (the nanoVLM fork's preset)",
+    description="DINOv3 ViT-S/16+ + Gemma-3-270M-it, pixel shuffle 2 + Linear (the nanoVLM fork's preset; both parts gated)",
 )
 register_model(
     "test-vlm",
