@@ -137,3 +137,23 @@ def test_zoo_entries_are_trained_smolvlm() -> None:
 def test_build_vlm_on_a_trained_entry_says_load_vlm() -> None:
     with pytest.raises(ConfigError, match="load_vlm"):
         tinyvlm.build_vlm("smolvlm-256m-instruct")
+
+
+def test_zoo_key_hf_hub_and_cli_generate_through_the_hub(hub, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The zoo entry and ``hf-hub:`` download the repo's files (a twin served under the real repo id) and give
+    the same model; ``tinyvlm generate --model smolvlm-256m-instruct`` answers as ``vlm.generate``."""
+    from tinyvlm.cli import main
+
+    folder = tmp_path / "repo"
+    write_smolvlm_twin(folder)
+    hub.add_folder("HuggingFaceTB/SmolVLM-256M-Instruct", folder)
+    by_key = tinyvlm.load_vlm("smolvlm-256m-instruct")
+    by_repo = tinyvlm.load_vlm("hf-hub:HuggingFaceTB/SmolVLM-256M-Instruct")
+    image_path = tmp_path / "image.png"
+    _image(30, 50, seed=3).save(image_path)
+    expected = by_key.generate("<image>What is this?", [str(image_path)], max_new_tokens=6)
+    assert by_repo.generate("<image>What is this?", [str(image_path)], max_new_tokens=6) == expected
+    code = main(["generate", "--model", "smolvlm-256m-instruct", "--image", str(image_path),
+                 "--prompt", "<image>What is this?", "--max-new-tokens", "6"])  # fmt: skip
+    assert code == 0
+    assert capsys.readouterr().out.strip() == expected.strip()

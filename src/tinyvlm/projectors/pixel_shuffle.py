@@ -12,8 +12,9 @@ space ``[B, (h / s) * (w / s), d]``:
 The channel order inside a shuffled token follows nanoVLM: the grid ``[h, w]`` is split into
 ``[h/s, s, w/s, s]`` and the two ``s`` axes move behind the grid axes, so token ``(i, j)`` concatenates
 the patches ``(i*s + a, j*s + b)`` for ``a`` (outer) then ``b`` (inner), each ``D`` channels wide.
-SmolVLM / Idefics3 orders those channels differently; a loader for their weights adds its order to
-`SHUFFLE_ORDERS`.
+SmolVLM / Idefics3's connector reaches the same order by other views and transposes on the square grids
+it accepts (checked against transformers in ``tests/pretrained/test_smolvlm.py``); another project's order
+would be one more entry of `SHUFFLE_ORDERS`.
 
 **Default factor** (``factor=None``): chosen from the encoder's grid at the training resolution by
 `default_factor`: the largest ``s`` in (4, 2, 1) that divides both sides of the grid and keeps at least
