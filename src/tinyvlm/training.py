@@ -231,6 +231,7 @@ def start_processes(device: str | None) -> Processes:
 
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """The VLM to train, in float32 (the optimizer's master weights), on ``device``."""
+    from tinyvlm.registry import get_spec
     from tinyvlm.vlm import build_vlm, load_vlm
 
     torch.manual_seed(config.seed)  # random-init parts are the same in every process and every resume
@@ -239,8 +240,8 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
             config.encoder, config.decoder, config.projector,
             pretrained=config.pretrained, dtype=torch.float32, device=device,
         )
-    if config.model.startswith(("local-dir:", "hf-hub:")):
-        return load_vlm(config.model, dtype=torch.float32, device=device)
+    if config.model.startswith(("local-dir:", "hf-hub:")) or get_spec(config.model, kind="vlm").trained:
+        return load_vlm(config.model, dtype=torch.float32, device=device)  # a saved or trained VLM
     return build_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device)
 
 
