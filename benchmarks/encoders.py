@@ -3,7 +3,7 @@
 Each family is built at a real zoo size with random weights in transformers (its default attention, SDPA),
 saved in the official layout, and loaded into tinyvlm through ``local-dir:``; both then encode the same batch
 of 8 images on the CPU with 2 threads, in eval mode under ``torch.inference_mode``. Runs alternate between
-the two models and the best of ``--repeats`` timings is kept for each, so that a noisy neighbour on a shared
+the two models (each going first in turn) and the best of ``--repeats`` timings is kept for each, so that a noisy neighbour on a shared
 machine does not favour either side. Prints images/s and the ratio tinyvlm / reference (> 1: faster).
 
     python benchmarks/encoders.py [--repeats 5] [--so400m]
@@ -56,9 +56,10 @@ def bench(key: str, repeats: int) -> tuple[float, float, float]:
     with torch.inference_mode():
         error = ((ours(pixels) - run_ref(pixels)).abs().max() / run_ref(pixels).abs().max()).item()  # also warms up
         ref_times, our_times = [], []
-        for _ in range(repeats):  # interleaved
-            ref_times.append(_seconds(run_ref, pixels))
-            our_times.append(_seconds(ours, pixels))
+        for i in range(repeats):  # interleaved, alternating which goes first
+            first, second = (ref_times, run_ref), (our_times, ours)
+            for times, run in (first, second) if i % 2 == 0 else (second, first):
+                times.append(_seconds(run, pixels))
     return BATCH / min(ref_times), BATCH / min(our_times), error
 
 
