@@ -1,0 +1,202 @@
+"""``tinyvlm demo``: a VLM that learns to see on a laptop CPU in a few minutes, fully offline.
+
+1. Draw a synthetic image-question dataset: one shape (circle / square / triangle) of one colour
+   (red / green / blue / yellow) in one quadrant of a 64x64 picture, with questions about its colour, shape
+   or position and one- or two-word answers.
+2. Train a small byte-level BPE tokenizer on the questions and answers.
+3. Build a tiny VLM from the ``test-siglip`` encoder and ``test-llama`` decoder zoo entries (random init,
+   the decoder's vocabulary set to the tokenizer's) and train all of it with `tinyvlm.train`.
+4. Print the held-out exact-match accuracy next to chance, and a few questions with the model's answers.
+
+Chance is the best a model that cannot see can do: it can learn which answers go with which question, so it
+scores 1/4 on colour and position questions and 1/3 on shape questions, 5/18 = 27.8 % over the mix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from tinyvlm.data import Record
+    from tinyvlm.tokenizer import Tokenizer
+    from tinyvlm.vlm import VLM
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+QUESTIONS = {
+    "colour": ("What colour is the shape?", "Which colour is it?", "What is the colour of the object?"),
+    "shape": ("What shape is this?", "Which shape do you see?", "What kind of shape is in the picture?"),
+    "position": ("Where is the shape?", "In which corner is the shape?", "Where is the object?"),
+}
+ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS}
+#: Accuracy of the best blind guess: uniform answers, question types in equal proportion.
+CHANCE = sum(1 / len(ANSWERS[kind]) for kind in QUESTIONS) / len(QUESTIONS)
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    position: str
+
+
+def draw_scene(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
+    """The shape of ``scene`` inside its quadrant, with a random size and offset, on a light, randomly tinted background."""
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    extent = rng.randint(size // 4, size * 7 // 16)  # side of the shape's bounding box: 16-28 px at 64
+    row, column = POSITIONS.index(scene.position) // 2, POSITIONS.index(scene.position) % 2
+    left = column * half + rng.randint(1, half - extent - 1)
+    top = row * half + rng.randint(1, half - extent - 1)
+    box = (left, top, left + extent, top + extent)
+    fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[scene.colour])
+    if scene.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)], fill=fill)
+    return image
+
+
+def make_shapes_dataset(folder: str | Path, *, count: int, seed: int = 0, size: int = 64) -> Path:
+    """Write ``count`` images and a ``data.jsonl`` (messages style, one question per image) under ``folder``.
+    Deterministic in ``seed``. Question types cycle so that each is a third of the data."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    kinds = tuple(QUESTIONS)
+    lines = []
+    for i in range(count):
+        scene = Scene(rng.choice(tuple(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))
+        name = f"images/{i:05d}.png"
+        draw_scene(scene, rng, size).save(folder / name)
+        kind = kinds[i % len(kinds)]
+        answer = {"colour": scene.colour, "shape": scene.shape, "position": scene.position}[kind]
+        messages = [
+            {"role": "user", "content": "<image>" + rng.choice(QUESTIONS[kind])},
+            {"role": "assistant", "content": answer},
+        ]
+        lines.append(json.dumps({"images": [name], "messages": messages}))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+#: Tuned on 2 CPU cores: learns well above chance in a few minutes (see docs/training.md for the figures).
+IMAGES = 3000
+STEPS = 600
+BATCH_SIZE = 32
+LEARNING_RATE = 2e-3
+VOCAB_SIZE = 512  # enough merges for every answer word to be one token
+VAL_FRACTION = 0.05
+
+
+def question_kind(question: str) -> str:
+    return next(kind for kind, phrasings in QUESTIONS.items() if any(p in question for p in phrasings))
+
+
+def demo_tokenizer(records: list["Record"]) -> "Tokenizer":
+    """A byte-level BPE tokenizer (ChatML special tokens, ids 0-2 as test-llama expects) trained on the
+    records' chat transcripts, so that the template's text (its default system prompt) gets merges too."""
+    from tinyvlm.tokenizer import train_tokenizer
+
+    texts = [m["content"] for r in records for m in r.messages]
+    renderer = train_tokenizer(texts, VOCAB_SIZE)  # only to render transcripts with the ChatML template
+    transcripts = [renderer.apply_chat_template(list(r.messages), add_generation_prompt=False) for r in records]
+    return train_tokenizer(transcripts, VOCAB_SIZE)
+
+
+def build_demo_vlm(tokenizer: "Tokenizer", seed: int) -> "VLM":
+    """The ``test-vlm`` recipe (test-siglip + pixel shuffle 2 + MLP + test-llama), random init, with
+    ``tokenizer`` and the decoder's vocabulary sized to it. Decoder weights start at N(0, 0.02) (GPT-2's
+    init; PyTorch's default N(0, 1) embedding, tied to the head, starts from logits in the hundreds)."""
+    import torch
+
+    from tinyvlm.vlm import VLM, build_vlm
+
+    torch.manual_seed(seed)
+    base = build_vlm("test-vlm", pretrained=False, dtype=torch.float32, decoder_kwargs={"vocab_size": len(tokenizer)})
+    for module in base.decoder.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=0.02)
+    # build_vlm joined test-llama's shipped tokenizer; swap in ours, with the image token added to it.
+    (image_token_id,) = tokenizer.add_special_tokens([base.config.image_tokens.image_token])
+    config = base.config.replace(parts=base.config.parts.replace(image_token_id=image_token_id))
+    return VLM(config, base.encoder, base.projector, base.decoder, tokenizer)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    accuracy: float
+    chance: float
+    per_kind: dict[str, float]
+    seconds: float
+    model_dir: Path
+
+
+def run_demo(
+    *, steps: int | None = None, seed: int = 0, output: str | Path | None = None, images: int = IMAGES,
+    show: int = 6, progress: bool = True,
+) -> DemoResult:
+    """Draw the data, train, evaluate on the held-out images, print the figures and a few answers."""
+    if output is None:
+        with tempfile.TemporaryDirectory(prefix="tinyvlm-demo-") as folder:
+            return _run(Path(folder), steps or STEPS, seed, images, show, progress, keep=False)
+    return _run(Path(output), steps or STEPS, seed, images, show, progress, keep=True)
+
+
+def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool, *, keep: bool) -> DemoResult:
+    from tinyvlm.data import read_records, split_records
+    from tinyvlm.training import normalize_answer, train
+    from tinyvlm.vlm import load_vlm
+
+    began = time.perf_counter()
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    data = make_shapes_dataset(folder / "data", count=count, seed=seed)
+    records = read_records(data)
+    say(f"drew {len(records)} images of shapes with questions in {folder / 'data'}")
+    vlm = build_demo_vlm(demo_tokenizer(records), seed)
+    vlm.save_pretrained(folder / "init")
+    params = sum(p.numel() for p in vlm.parameters()) / 1e6
+    say(f"built a {params:.2f}M-parameter VLM (test-siglip + pixel-shuffle-mlp + test-llama, "
+        f"{len(vlm.tokenizer)}-token BPE tokenizer); training all of it for {steps} steps on the CPU")
+    result = train(
+        model=f"local-dir:{folder / 'init'}", data=data, output=folder / "run", train="all", max_steps=steps,
+        batch_size=BATCH_SIZE, grad_accum=1, lr=LEARNING_RATE, warmup_steps=steps // 20, weight_decay=0.0,
+        val_fraction=VAL_FRACTION, eval_samples=0, checkpoint_every=0, seed=seed, device="cpu",
+        progress=progress, log_every=max(1, steps // 20),
+    )
+    model = load_vlm(f"local-dir:{result.model_dir}")
+    _, held_out = split_records(records, VAL_FRACTION, seed)  # the split train() used
+    answers: list[str] = []
+    for start in range(0, len(held_out), 64):
+        group = held_out[start : start + 64]
+        answers += model.generate([r.prompt for r in group], images=[list(r.images) for r in group], max_new_tokens=8)
+    right = [normalize_answer(a) == normalize_answer(r.answer) for a, r in zip(answers, held_out)]
+    kinds = [question_kind(r.prompt[-1]["content"]) for r in held_out]
+    totals, hits = Counter(kinds), Counter(k for k, ok in zip(kinds, right) if ok)
+    per_kind = {kind: hits[kind] / totals[kind] for kind in QUESTIONS if totals[kind]}
+    accuracy = sum(right) / len(right)
+    seconds = time.perf_counter() - began
+    print(f"\nheld-out exact match: {accuracy:.1%} of {len(right)} questions (chance {CHANCE:.1%}); "
+          + ", ".join(f"{kind} {value:.0%} (chance {1 / len(ANSWERS[kind]):.0%})" for kind, value in per_kind.items()))
+    for record, answer, ok in list(zip(held_out, answers, right))[:show]:
+        question = record.prompt[-1]["content"].replace("<image>", "")
+        print(f"  {record.images[0].name}  {question:38} -> {answer!r:16} {'ok' if ok else 'expected ' + repr(record.answer)}")
+    print(f"done in {seconds:.0f} s" + (f"; data, metrics.jsonl and the model are in {folder}" if keep else ""))
+    return DemoResult(accuracy, CHANCE, per_kind, seconds, result.model_dir)
