@@ -99,9 +99,9 @@ def make_shapes_dataset(folder: str | Path, *, count: int, seed: int = 0, size: 
 
 #: Tuned on 2 CPU cores: learns well above chance in a few minutes (see docs/training.md for the figures).
 IMAGES = 3000
-STEPS = 600
+STEPS = 1200
 BATCH_SIZE = 32
-LEARNING_RATE = 2e-3
+LEARNING_RATE = 1e-3
 VOCAB_SIZE = 512  # enough merges for every answer word to be one token
 VAL_FRACTION = 0.05
 

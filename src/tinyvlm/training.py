@@ -66,8 +66,8 @@ class TrainConfig(BaseModel):
     model: str | None = Field(None, description="a VLM: a 'vlm' zoo recipe or a saved VLM folder (local-dir:)")
     encoder: str | None = None
     decoder: str | None = None
-    projector: str = "pixel-shuffle-mlp"
-    pretrained: bool = True
+    projector: str | None = Field(None, description="with encoder + decoder; default pixel-shuffle-mlp")
+    pretrained: bool = Field(True, description="load the parts' pretrained weights (not for saved VLMs)")
     train: str = Field("projector", description="'projector', 'all' or a comma list of encoder,projector,decoder")
     max_steps: int | None = Field(None, ge=1, description="default: one pass over the training split")
     # None: the model's training defaults (`VLMConfig.training`; nanoVLM's unless a recipe says otherwise)
@@ -105,6 +105,8 @@ class TrainConfig(BaseModel):
             raise ValueError("give either model (a VLM recipe or folder) or encoder + decoder, not both")
         if self.model is None and (self.encoder is None or self.decoder is None):
             raise ValueError("give model (a VLM recipe or folder), or both encoder and decoder")
+        if self.model is not None and self.projector is not None:
+            raise ValueError("projector goes with encoder + decoder; a model (recipe or folder) has its own")
         if self.val_data is not None and "val_fraction" in self.model_fields_set:
             raise ValueError("give val_data or val_fraction, not both")
         parse_parts(self.train)
