@@ -57,14 +57,14 @@ def generate_stream(
     if max_new_tokens == 0:
         return
 
+    decoder.use_decoding_layout()
     cache = decoder.new_cache(B, T + max_new_tokens)
-    mask = positions = None
+    mask = None  # positions follow from it: cumsum - 1 (see TransformerDecoder.hidden_states)
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, T):
             raise ConfigError(f"attention_mask must be [batch, length] = {(B, T)}; got {tuple(attention_mask.shape)}")
         mask = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
         mask[:, :T] = attention_mask.bool()
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
 
@@ -74,7 +74,6 @@ def generate_stream(
             None if inputs_embeds is not None else input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=None if mask is None else mask[:, :T],
-            position_ids=None if positions is None else positions[:, :T],
             cache=cache,
         )
         token = _choose(decoder.logits(hidden[:, -1]), temperature, top_k, top_p)
@@ -92,7 +91,6 @@ def generate_stream(
             hidden = decoder.hidden_states(
                 token[:, None],
                 attention_mask=None if mask is None else mask[:, : L + 1],
-                position_ids=None if positions is None else positions[:, L : L + 1],
                 cache=cache,
             )
             token = _choose(decoder.logits(hidden[:, -1]), temperature, top_k, top_p)

@@ -160,15 +160,29 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rope = rope
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope), persistent=False)
+        self._table: tuple[Tensor, Tensor] | None = None  # cos, sin [positions, head_dim] (see `lookup`)
 
     def materialize_buffers(self, device: torch.device) -> None:
         self.inv_freq = rope_inv_freq(self.head_dim, self.rope, device)
+        self._table = None
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``position_ids [B, T]`` -> ``cos, sin [B, 1, T, head_dim]`` in ``dtype`` (computed in fp32)."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def lookup(self, position_ids: Tensor, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`forward` for ``position_ids`` known to be below ``end``, read from fp32 tables of positions
+        ``0 .. end - 1`` that are kept between calls (grown by doubling). A decoding step then indexes two rows
+        instead of computing cos / sin, which on CPU opens a parallel region once ``head_dim > 64``."""
+        table = self._table
+        if table is None or table[0].shape[0] < end or table[0].device != position_ids.device:
+            size = max(end, 2 * table[0].shape[0]) if table is not None else end
+            positions = torch.arange(size, device=position_ids.device)[None]
+            table = self._table = tuple(t[0, 0] for t in self(positions, torch.float32))
+        cos, sin = table
+        return cos[position_ids][:, None].to(dtype), sin[position_ids][:, None].to(dtype)
 
 
 class Attention(nn.Module):
@@ -224,10 +238,33 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
+        if B == 1 and T == 1:  # decoding one sequence
+            out = attend_one_query(q[0, :, 0], k[0], v[0], self.scale, None if mask is None else mask[0, 0, 0])
+            return self.o_proj(out.view(1, 1, self.num_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def attend_one_query(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """Attention of a single query token: ``q [H, d]`` over ``k, v [H_kv, S, d]`` (query head ``h`` reads
+    key/value head ``h // (H / H_kv)``), ``mask [S]`` of allowed keys or None -> ``[H, d]``.
+
+    This is the decoding step of one sequence, a few matrix-vector products. On CPU, SDPA, batched matmuls
+    and softmax over several rows each open an OpenMP parallel region whose fork/join costs more than this
+    arithmetic (and a whole scheduler tick when the other cores are busy); matrix-vector products and
+    one-row softmax run inline on the calling thread.
+    """
+    group = q.shape[0] // k.shape[0]
+    q = q * scale
+    heads = []
+    for h in range(q.shape[0]):
+        scores = torch.mv(k[h // group], q[h])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        heads.append(torch.mv(v[h // group].t(), scores.softmax(0)))
+    return torch.stack(heads)
 
 
 class LayerCache(Protocol):
