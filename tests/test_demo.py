@@ -1,0 +1,67 @@
+"""The demo: its synthetic data is deterministic and answerable, and a short run learns to see."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tinyvlm.cli import main
+from tinyvlm.data import read_records
+from tinyvlm.demo import ANSWERS, CHANCE, COLOURS, POSITIONS, QUESTIONS, make_shapes_dataset, question_kind, run_demo
+
+
+def test_dataset_is_deterministic_and_balanced(tmp_path: Path) -> None:
+    first = make_shapes_dataset(tmp_path / "a", count=30, seed=5)
+    again = make_shapes_dataset(tmp_path / "b", count=30, seed=5)
+    other = make_shapes_dataset(tmp_path / "c", count=30, seed=6)
+    assert first.read_text() == again.read_text() != other.read_text()
+    for i in (0, 17):
+        name = f"images/{i:05d}.png"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    records = read_records(first)
+    kinds = [question_kind(r.prompt[-1]["content"]) for r in records]
+    assert kinds.count("colour") == kinds.count("shape") == kinds.count("position") == 10
+    for record, kind in zip(records, kinds):
+        assert record.answer in ANSWERS[kind]
+    assert CHANCE == pytest.approx((1 / 4 + 1 / 3 + 1 / 4) / 3)
+
+
+def test_answers_are_in_the_pixels(tmp_path: Path) -> None:
+    """Colour and position answers can be read back from the image (the task is not noise)."""
+    records = read_records(make_shapes_dataset(tmp_path, count=60, seed=2))
+    for record in records:
+        kind = question_kind(record.prompt[-1]["content"])
+        if kind == "shape":
+            continue
+        pixels = torch.frombuffer(bytearray(Image.open(record.images[0]).tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(64, 64, 3).float()
+        background = pixels.view(-1, 3).median(0).values  # the shape covers under a fifth of the picture
+        ink = (pixels - background).abs().sum(-1) > 90
+        if kind == "colour":
+            mean = pixels[ink].mean(0)
+            nearest = min(COLOURS, key=lambda c: float((torch.tensor(COLOURS[c], dtype=torch.float) - mean).norm()))
+            assert nearest == record.answer, record.where
+        else:
+            rows, cols = ink.nonzero(as_tuple=True)
+            where = ("top" if rows.float().mean() < 32 else "bottom") + (" left" if cols.float().mean() < 32 else " right")
+            assert where == record.answer and where in POSITIONS
+
+
+def test_short_demo_beats_chance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CI runs two test processes on two cores
+    try:
+        assert main(["demo", "--steps", "400", "--output", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("held-out exact match"))
+    accuracy = float(line.split(":")[1].split("%")[0]) / 100
+    assert accuracy >= CHANCE + 0.15, line
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < 0.5 * log[0]["loss"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
