@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from tinyvlm.config import Config
-from tinyvlm.errors import ConfigError
+from tinyvlm.decoders.base import DecoderConfig
+from tinyvlm.errors import ConfigError, HubError
 from tinyvlm.hub import Source, model_folder, parse_name, read_config
 from tinyvlm.registry import Family, Kind, family_for_model_type, get_family, load_families
 from tinyvlm.weights import load_checkpoint, safetensors_files
@@ -52,20 +54,33 @@ def resolve_config(
     """The family and validated config of a name, with ``overrides`` applied.
 
     Zoo entries carry their config; ``hf-hub:`` and ``local-dir:`` names are read from their ``config.json``
-    (in ``folder`` when the caller already fetched it, so that config and weights come from one commit).
+    (in ``folder`` when the caller already fetched it, so that config and weights come from one commit);
+    a decoder's ``generation_config.json`` next to it, when present, overrides its special token ids
+    (Gemma-3-it stops on ``[1, 106]``), as in transformers.
     """
     load_families()
     if source.spec is not None:
         family = get_family(source.spec.family)
         config = source.spec.config
     else:
-        hf_config = read_config(folder or model_folder(source, weights=False))
+        folder = folder or model_folder(source, weights=False)
+        hf_config = read_config(folder)
         model_type = hf_config.get("model_type")
         if not model_type:
             raise ConfigError(f"{source.name}: config.json has no model_type, so its family is unknown")
         family = family_for_model_type(model_type, kind)
         config = family.config_cls.from_hf(hf_config)
+        generation = folder / "generation_config.json"
+        if isinstance(config, DecoderConfig) and generation.is_file():
+            config = config.with_generation_config(_read_json(generation))
     return family, config.replace(**overrides) if overrides else config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise HubError(f"cannot read {path}: {error}") from None
 
 
 def build_module(

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from decoder_twins import hf_greedy, randomize_, rel_err, save_twin
+
+import tinyvlm
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,4 +73,24 @@ def test_greedy_generation_matches_transformers(twin):
     ids = torch.randint(3, 101, (1, WINDOW + 3), generator=torch.Generator().manual_seed(2))
     expected = hf_greedy(reference, ids, 3 * WINDOW)
     actual = ours.generate(ids, max_new_tokens=3 * WINDOW, eos_token_id=[])
+    assert torch.equal(actual, expected)
+
+
+def test_generation_config_stop_ids_are_read(twin, tmp_path):
+    """A Gemma-3-it folder stops on the ids of its generation_config.json ([1, 106]), not config.json's 1."""
+    reference, ours = twin
+    ids = torch.randint(3, 101, (1, 5), generator=torch.Generator().manual_seed(2))
+    stop = ours.generate(ids, max_new_tokens=1, eos_token_id=[])[0, -1].item()
+    assert stop != 1 and ours.generate(ids, max_new_tokens=12).shape[1] == 5 + 12  # eos 1 alone never stops it
+    reference.save_pretrained(tmp_path)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, stop]}))
+
+    loaded = tinyvlm.build_decoder(f"local-dir:{tmp_path}", dtype=torch.float32)
+    assert loaded.config.eos_token_ids == [1, stop]
+    actual = loaded.generate(ids, max_new_tokens=12)
+    assert actual[0, 5:].tolist() == [stop]
+    expected = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+    )
     assert torch.equal(actual, expected)

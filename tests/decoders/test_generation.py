@@ -188,3 +188,47 @@ def test_bf16_runs(decoder):
     assert rel_err(low, reference) < 0.1
     out = model.generate(ids, max_new_tokens=5, eos_token_id=[])
     assert out.shape == (1, 25)
+
+
+def test_single_row_with_left_padding_equals_unpadded(decoder):
+    """One row with a padding mask takes the one-query decoding path with a mask."""
+    ids = ids_of(1, 9, seed=7)
+    padded = torch.cat((torch.zeros(1, 4, dtype=torch.long), ids), dim=1)
+    mask = torch.cat((torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)), dim=1)
+    expected = decoder.generate(ids, max_new_tokens=20, eos_token_id=[])
+    actual = decoder.generate(padded, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(actual[:, 4:], expected)
+
+
+def test_rope_lookup_equals_forward(decoder):
+    positions = torch.tensor([[0, 3, 17, 40], [5, 5, 6, 90]])
+    for rotary in decoder.rotary.values():
+        for table, direct in zip(rotary.lookup(positions[:, :2], 18, torch.float32), rotary(positions[:, :2], torch.float32)):
+            assert torch.allclose(table, direct, rtol=0, atol=1e-6)
+        for table, direct in zip(rotary.lookup(positions, 91, torch.float32), rotary(positions, torch.float32)):
+            assert torch.allclose(table, direct, rtol=0, atol=1e-6)  # the grown table
+
+
+def test_decoding_layout_keeps_names_values_and_training(decoder):
+    import copy
+
+    model = copy.deepcopy(decoder)
+    model.embed_tokens.weight.data = model.embed_tokens.weight.data.contiguous()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = ids_of(1, 12)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.use_decoding_layout()
+    state = model.state_dict()
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[name], value) for name, value in before.items())
+    q, k = model.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.k_proj.weight
+    assert model.embed_tokens.weight.stride(0) == 1 and q.stride(0) == 1  # wide: column-major
+    assert (model.layers[0].mlp.down_proj.weight.stride(1), k.stride(1)) == (1, 1)  # narrow: row-major
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, logits) <= 1e-6
+    model(ids).logits.logsumexp(-1).mean().backward()
+    assert q.grad is not None and q.grad.shape == q.shape and q.grad.abs().sum() > 0
+    low = model.to(torch.bfloat16)
+    low.use_decoding_layout()
+    assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major

@@ -129,6 +129,17 @@ class DecoderConfig(Config):
     eos_token_ids: list[int] = []
     pad_token_id: int | None = None
 
+    def with_generation_config(self, generation: dict[str, Any]) -> "DecoderConfig":
+        """These ids overridden by those a ``generation_config.json`` sets (it takes precedence over
+        config.json in transformers too)."""
+        updates: dict[str, Any] = {}
+        if generation.get("eos_token_id") is not None:
+            updates["eos_token_ids"] = hf_token_ids(generation["eos_token_id"])
+        for name in ("bos_token_id", "pad_token_id"):
+            if generation.get(name) is not None:
+                updates[name] = generation[name]
+        return self.replace(**updates) if updates else self
+
 
 def hf_token_ids(value: int | list[int] | None) -> list[int]:
     """``eos_token_id`` of a config.json (an int, a list or null) as a list."""
