@@ -27,7 +27,10 @@ LABELLED = 16
 
 
 def tinyvlm_model() -> tuple[nn.Module, dict[str, nn.Module], int]:
-    vlm = tinyvlm.build_vlm("nanovlm-222m", pretrained=False, dtype=torch.float32)
+    from tinyvlm.vlm import VLM
+
+    # From the recipe alone: random init, offline (no tokenizer, so the image token id is the config's -1).
+    vlm = VLM.from_config(tinyvlm.get_spec("nanovlm-222m").config)
     return vlm, {"encoder": vlm.encoder, "projector": vlm.projector, "decoder": vlm.decoder}, vlm.image_token_id
 
 
