@@ -238,7 +238,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        if B == 1 and T == 1:  # decoding one sequence
+        if B == 1 and T == 1 and x.device.type == "cpu":  # decoding one sequence on CPU
             out = attend_one_query(q[0, :, 0], k[0], v[0], self.scale, None if mask is None else mask[0, 0, 0])
             return self.o_proj(out.view(1, 1, self.num_heads * self.head_dim))
         out = F.scaled_dot_product_attention(
