@@ -108,7 +108,7 @@ def test_info_hf_hub_fetches_only_the_config(hub, tiny_zoo, tmp_path, capsys):
     assert main(["info", "hf-hub:tiny-org/tiny-model", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["revision"] == commit and info["family"] == "tiny"
-    assert {path.rsplit("/", 1)[1] for _, path in hub.requests} <= {"config.json", "preprocessor_config.json"}
+    assert {path.rsplit("/", 1)[1] for _, path in hub.requests} <= {"config.json", "preprocessor_config.json", "generation_config.json"}
 
 
 def test_download_zoo_key_then_listed_as_cached(hub, tiny_listing, tmp_path, capsys):

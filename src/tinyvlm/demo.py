@@ -123,17 +123,13 @@ def demo_tokenizer(records: list["Record"]) -> "Tokenizer":
 
 def build_demo_vlm(tokenizer: "Tokenizer", seed: int) -> "VLM":
     """The ``test-vlm`` recipe (test-siglip + pixel shuffle 2 + MLP + test-llama), random init, with
-    ``tokenizer`` and the decoder's vocabulary sized to it. Decoder weights start at N(0, 0.02) (GPT-2's
-    init; PyTorch's default N(0, 1) embedding, tied to the head, starts from logits in the hundreds)."""
+    ``tokenizer`` and the decoder's vocabulary sized to it."""
     import torch
 
     from tinyvlm.vlm import VLM, build_vlm
 
     torch.manual_seed(seed)
     base = build_vlm("test-vlm", pretrained=False, dtype=torch.float32, decoder_kwargs={"vocab_size": len(tokenizer)})
-    for module in base.decoder.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.02)
     # build_vlm joined test-llama's shipped tokenizer; swap in ours, with the image token added to it.
     (image_token_id,) = tokenizer.add_special_tokens([base.config.image_tokens.image_token])
     config = base.config.replace(parts=base.config.parts.replace(image_token_id=image_token_id))
@@ -198,5 +194,6 @@ def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: b
     for record, answer, ok in list(zip(held_out, answers, right))[:show]:
         question = record.prompt[-1]["content"].replace("<image>", "")
         print(f"  {record.images[0].name}  {question:38} -> {answer!r:16} {'ok' if ok else 'expected ' + repr(record.answer)}")
-    print(f"done in {seconds:.0f} s" + (f"; data, metrics.jsonl and the model are in {folder}" if keep else ""))
+    kept = f"; data, metrics.jsonl and the model are in {folder}" if keep else " (pass --output DIR to keep the data and the model)"
+    print(f"done in {seconds:.0f} s{kept}")
     return DemoResult(accuracy, CHANCE, per_kind, seconds, result.model_dir)

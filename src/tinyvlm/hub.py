@@ -32,11 +32,11 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "generation_config.json",
     "chat_template.jinja",
     "chat_template.json",
 )
-OPTIONAL_FILES = ("preprocessor_config.json",)
+#: Files read when present, whatever is fetched: the image processor's settings and a decoder's stop ids.
+OPTIONAL_FILES = ("preprocessor_config.json", "generation_config.json")
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 

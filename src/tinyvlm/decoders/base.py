@@ -173,6 +173,20 @@ class TransformerDecoder(Decoder):
     def vocab_size(self) -> int:
         return self.embed_tokens.weight.shape[0]
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init as the reference's ``initializer_range``: linear and embedding weights N(0, std),
+        biases 0, the padding embedding 0, norms as constructed. (PyTorch's default N(0, 1) embedding, tied to the head, would start
+        training from logits in the hundreds.) Families call it at the end of ``__init__``; a checkpoint
+        load replaces every tensor anyway."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+                if getattr(module, "padding_idx", None) is not None:
+                    module.weight[module.padding_idx].zero_()
+
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
 

@@ -122,6 +122,7 @@ class Gemma3(TransformerDecoder):
         )
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.final_logit_softcap = config.final_logit_softcapping
+        self.init_weights()
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Embeddings times sqrt(hidden), the scale rounded to the weights' dtype first (25.25 in bf16 for

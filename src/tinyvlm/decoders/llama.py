@@ -75,6 +75,7 @@ class Llama(TransformerDecoder):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = nn.ModuleDict({"default": RotaryEmbedding(config.head_dim, config.rope)})
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
 
 
 def key_map(config: LlamaConfig) -> KeyMap:
