@@ -71,7 +71,7 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.act(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
 
 class LayerScale(nn.Module):
@@ -185,6 +185,47 @@ class RotaryEmbedding(nn.Module):
         return cos[position_ids][:, None].to(dtype), sin[position_ids][:, None].to(dtype)
 
 
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)``, through `split_linear` when that applies (a plain bias-free ``nn.Linear``; anything
+    else, e.g. a module with hooks or a replacement class, is called as is)."""
+    if layer.bias is None and type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks:
+        return split_linear(x, layer.weight)
+    return layer(x)
+
+
+#: Matrices below this many elements (1 MiB in fp32) are multiplied in one piece: splitting them costs more
+#: than it saves (measured on a 2-core EPYC, see docs/decoders.md, "Performance").
+SPLIT_MIN_NUMEL = 1 << 18
+
+
+def split_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` (no bias), bit for bit, using every intra-op thread when ``x`` is one fp32 row
+    on CPU (a decoding step).
+
+    MKL runs a one-row product on a single thread, so decoding, which is bound by reading the weights, used
+    one core. Here the rows of ``weight`` are viewed as ``n = torch.get_num_threads()`` equal blocks (a strided
+    view of the parameter itself: no copy, nothing to keep in sync with training) and multiplied as one
+    batch-``n`` ``bmm``, which ATen spreads over its threads. Every output is the same dot product computed
+    by the same kernel in the same order as in the unsplit product, hence identical.
+    """
+    out_features, in_features = weight.shape
+    parts = torch.get_num_threads()
+    if (
+        parts < 2
+        or x.numel() != in_features
+        or x.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or x.dtype != torch.float32
+        or out_features % parts
+        or weight.numel() < SPLIT_MIN_NUMEL
+    ):
+        return F.linear(x, weight)
+    rows, row_stride, col_stride = out_features // parts, weight.stride(0), weight.stride(1)
+    blocks = weight.as_strided((parts, rows, in_features), (rows * row_stride, row_stride, col_stride))
+    out = torch.bmm(x.reshape(1, 1, in_features).expand(parts, 1, in_features), blocks.transpose(1, 2))
+    return out.view(*x.shape[:-1], out_features)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads, RoPE, optional per-head q/k RMSNorm and a KV cache.
 
@@ -229,9 +270,9 @@ class Attention(nn.Module):
     ) -> Tensor:
         """``x [B, T, D]``; ``mask``: boolean ``[B|1, 1, T, S]`` of allowed keys (None: all ``S`` allowed)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = linear(x, self.q_proj).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = linear(x, self.k_proj).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(x, self.v_proj).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -240,7 +281,7 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         if B == 1 and T == 1 and x.device.type == "cpu":  # decoding one sequence on CPU
             out = attend_one_query(q[0, :, 0], k[0], v[0], self.scale, None if mask is None else mask[0, 0, 0])
-            return self.o_proj(out.view(1, 1, self.num_heads * self.head_dim))
+            return linear(out.view(1, 1, self.num_heads * self.head_dim), self.o_proj)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
         )

@@ -232,3 +232,51 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     low = model.to(torch.bfloat16)
     low.use_decoding_layout()
     assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major
+
+
+@pytest.fixture
+def threads():
+    """Set the intra-op thread count for one test, then restore it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_split_linear_is_bit_identical(threads, parts, column_major):
+    from tinyvlm.layers import SPLIT_MIN_NUMEL, split_linear
+
+    threads(parts)
+    torch.manual_seed(0)
+    weight = torch.randn(6 * 512, SPLIT_MIN_NUMEL // (6 * 512) + 7)
+    if column_major:
+        weight = weight.t().contiguous().t()
+    for x in (torch.randn(1, weight.shape[1]), torch.randn(1, 1, weight.shape[1])):
+        expected = torch.nn.functional.linear(x, weight)
+        assert split_linear(x, weight).shape == expected.shape
+        assert torch.equal(split_linear(x, weight), expected)
+
+
+def test_split_decoding_equals_one_thread(decoder, threads, monkeypatch):
+    """Every product of a decoding step split over threads (the tiny twin's matrices are below the size
+    where that pays, so the threshold is lowered): logits bit-identical to one thread, same greedy tokens."""
+    import tinyvlm.layers
+
+    ids = ids_of(1, 20)
+    decoder.use_decoding_layout()  # as generate does (the layout picks the kernel, so it comes first)
+
+    def decode() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            cache = decoder.new_cache(1, 21)
+            decoder(ids[:, :-1], cache=cache)
+            step = decoder(ids[:, -1:], cache=cache).logits
+        return step, decoder.generate(ids, max_new_tokens=12, eos_token_id=[])
+
+    threads(1)
+    step, tokens = decode()
+    monkeypatch.setattr(tinyvlm.layers, "SPLIT_MIN_NUMEL", 0)
+    threads(2)
+    split_step, split_tokens = decode()
+    assert torch.equal(split_step, step)
+    assert torch.equal(split_tokens, tokens)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tinyvlm.config import Config
 from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
+from tinyvlm.layers import split_linear
 
 if TYPE_CHECKING:
     from tinyvlm.layers import RotaryEmbedding
@@ -246,7 +247,7 @@ class TransformerDecoder(Decoder):
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head over final hidden states (the unscaled embedding matrix when tied)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = split_linear(hidden, weight)
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
