@@ -193,9 +193,9 @@ def linear(x: Tensor, layer: nn.Linear) -> Tensor:
     return layer(x)
 
 
-#: Matrices below this many elements (1 MiB in fp32) are multiplied in one piece: splitting them costs more
-#: than it saves (measured on a 2-core EPYC, see docs/decoders.md, "Performance").
-SPLIT_MIN_NUMEL = 1 << 18
+#: Matrices below this many elements (256 KiB in fp32) are multiplied in one piece: splitting them costs
+#: more than it saves (measured on a 2-core EPYC, see docs/decoders.md, "Performance").
+SPLIT_MIN_NUMEL = 1 << 16
 
 
 def split_linear(x: Tensor, weight: Tensor) -> Tensor:
