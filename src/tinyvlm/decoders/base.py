@@ -209,8 +209,8 @@ class TransformerDecoder(Decoder):
         shapes, values and parameter names stay the same. Called after loading and when generation starts
         (a no-op when already done).
 
-        Decoding multiplies every matrix by one vector, on one thread (MKL does not split a one-row product).
-        For fp32 on CPU, MKL reads a wide ``W [out, in]`` (``out >= in``: the LM head, q, gate, up) 1.3-1.9x
+        Decoding multiplies every matrix by one vector (one MKL call per thread's block of rows, see
+        `tinyvlm.layers.split_linear`). For fp32 on CPU, MKL reads a wide ``W [out, in]`` (``out >= in``: the LM head, q, gate, up) 1.3-1.9x
         faster when it is stored column-major (``W.t()`` contiguous), a narrow one (k, v, o, down) faster
         row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest row-major throughout.
         """
