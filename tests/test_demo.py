@@ -11,7 +11,7 @@ from PIL import Image
 
 from tinyvlm.cli import main
 from tinyvlm.data import read_records
-from tinyvlm.demo import ANSWERS, CHANCE, COLOURS, POSITIONS, QUESTIONS, make_shapes_dataset, question_kind, run_demo
+from tinyvlm.demo import ANSWERS, CHANCE, COLOURS, POSITIONS, make_shapes_dataset, question_kind
 
 
 def test_dataset_is_deterministic_and_balanced(tmp_path: Path) -> None:

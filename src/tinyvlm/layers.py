@@ -226,6 +226,28 @@ def split_linear(x: Tensor, weight: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], out_features)
 
 
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention of the vision encoders: q, k, v and o projections with biases
+    (none on k when ``key_bias`` is False, as DINOv3), and optionally RoPE on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, *, key_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=key_bias)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads, RoPE, optional per-head q/k RMSNorm and a KV cache.
 

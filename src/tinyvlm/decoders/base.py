@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyvlm.config import Config
 from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import split_linear
-
-if TYPE_CHECKING:
-    from tinyvlm.layers import RotaryEmbedding
 
 
 @dataclass

@@ -22,7 +22,6 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from tinyvlm.config import Config, require
 from tinyvlm.encoders.base import Encoder
 from tinyvlm.errors import ConfigError
 from tinyvlm.image import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from tinyvlm.layers import ACTIVATIONS, MLP, GatedMLP, LayerScale, apply_rotary
+from tinyvlm.layers import ACTIVATIONS, MLP, GatedMLP, LayerScale, SelfAttention
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
 
@@ -124,26 +123,6 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float, prefix: int, device: to
     return torch.cat([ones, angles.cos()]), torch.cat([zeros, angles.sin()])
 
 
-class DINOv3Attention(nn.Module):
-    """Self-attention with 2-D RoPE on q and k; no bias on k."""
-
-    def __init__(self, config: DINOv3Config) -> None:
-        super().__init__()
-        dim = config.hidden_size
-        self.heads = config.num_attention_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=config.key_bias)
-        self.v_proj = nn.Linear(dim, dim)
-        self.o_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, D))
-
-
 class DINOv3Block(nn.Module):
     """``x + ls1 * attn(norm1(x))``, then ``x + ls2 * mlp(norm2(x))``."""
 
@@ -151,7 +130,7 @@ class DINOv3Block(nn.Module):
         super().__init__()
         dim, hidden = config.hidden_size, config.intermediate_size
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attention = DINOv3Attention(config)
+        self.attention = SelfAttention(dim, config.num_attention_heads, key_bias=config.key_bias)
         self.layer_scale1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         if config.use_gated_mlp:
@@ -162,7 +141,7 @@ class DINOv3Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # x + lambda1 * branch, as one fused op (addcmul) instead of a multiply and an add
-        x = torch.addcmul(x, self.layer_scale1.lambda1, self.attention(self.norm1(x), cos, sin))
+        x = torch.addcmul(x, self.layer_scale1.lambda1, self.attention(self.norm1(x), (cos, sin)))
         return torch.addcmul(x, self.layer_scale2.lambda1, self.mlp(self.norm2(x)))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field, model_validator
@@ -24,7 +23,7 @@ from tinyvlm.config import Config, require
 from tinyvlm.encoders.base import Encoder
 from tinyvlm.errors import ConfigError
 from tinyvlm.image import HALF, ImageTransform
-from tinyvlm.layers import ACTIVATIONS, MLP
+from tinyvlm.layers import ACTIVATIONS, MLP, SelfAttention
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
 
@@ -113,32 +112,13 @@ class SiglipEmbeddings(nn.Module):
         return resized.permute(0, 2, 3, 1).reshape(h * w, -1).to(table.dtype)
 
 
-class SiglipAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biased q, k, v and output projections."""
-
-    def __init__(self, config: SiglipConfig) -> None:
-        super().__init__()
-        dim = config.hidden_size
-        self.heads = config.num_attention_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
-
-
 class SiglipBlock(nn.Module):
     """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
     def __init__(self, config: SiglipConfig) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(config)
+        self.self_attn = SelfAttention(config.hidden_size, config.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
@@ -193,6 +173,7 @@ def siglip_key_map(config: SiglipConfig) -> KeyMap:
     prefix = r"(?:vision_model\.)?"
     return KeyMap(
         rename=(
+            (prefix + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.+)", r"layers.\1.self_attn.o_proj.\2"),
             (prefix + r"encoder\.layers\.(\d+)\.(.+)", r"layers.\1.\2"),
             (prefix + r"(embeddings\..+|post_layernorm\..+)", r"\1"),
         ),

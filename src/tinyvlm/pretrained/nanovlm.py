@@ -100,7 +100,7 @@ def key_map(tied: bool, stored_embedding: bool) -> KeyMap:
         (r"vision_encoder\.patch_embedding\.position_embedding", "encoder.embeddings.position_embedding.weight"),
         (r"vision_encoder\.blocks\.(\d+)\.ln1\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
         (r"vision_encoder\.blocks\.(\d+)\.ln2\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
-        (r"vision_encoder\.blocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.out_proj.\2"),
+        (r"vision_encoder\.blocks\.(\d+)\.attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.self_attn.o_proj.\2"),
         (r"vision_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.\2.\3"),
         (r"vision_encoder\.layer_norm\.(weight|bias)", r"encoder.post_layernorm.\1"),
         (r"MP\.proj\.weight", "projector.proj.weight"),

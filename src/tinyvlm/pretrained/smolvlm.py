@@ -76,6 +76,7 @@ def key_map(tied: bool) -> KeyMap:
     and the Hub repos alike): ``model.vision_model.*``, ``model.connector.modality_projection.proj.weight``,
     ``model.text_model.*`` and ``lm_head.weight`` (absent, or a copy, when tied)."""
     rename = (
+        (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.+)", r"encoder.layers.\1.self_attn.o_proj.\2"),
         (r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)", r"encoder.layers.\1.\2"),
         (r"model\.vision_model\.((?:embeddings|post_layernorm)\..+)", r"encoder.\1"),
         (r"model\.connector\.modality_projection\.proj\.weight", "projector.proj.weight"),
