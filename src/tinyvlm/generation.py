@@ -18,14 +18,6 @@ if TYPE_CHECKING:
     from tinyvlm.decoders.base import TransformerDecoder
 
 
-def generate(decoder: "TransformerDecoder", input_ids: Tensor, **options) -> Tensor:
-    """Prompt plus new tokens ``[B, T + n]``; see `generate_stream` for the options."""
-    steps = list(generate_stream(decoder, input_ids, **options))
-    if not steps:
-        return input_ids
-    return torch.cat((input_ids, torch.stack(steps, dim=1)), dim=1)
-
-
 def generate_stream(
     decoder: "TransformerDecoder",
     input_ids: Tensor,

@@ -60,19 +60,19 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """Prompt plus new tokens ``[B, T + n]`` (see API.md). ``inputs_embeds`` replaces the prompt's
         embedding lookup (a VLM passes its merged image + text embeddings)."""
-        from tinyvlm.generation import generate
-
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
+        steps = list(
+            self.generate_stream(
+                input_ids,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+            )
         )
+        return torch.cat((input_ids, torch.stack(steps, dim=1)), dim=1) if steps else input_ids
 
     def generate_stream(
         self,

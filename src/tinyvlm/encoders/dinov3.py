@@ -164,22 +164,6 @@ class DINOv3Encoder(Encoder):
             backend="torch",
         )
 
-    @property
-    def dim(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    def preprocess(self, images: Image.Image | list[Image.Image], *, size: tuple[int, int] | None = None) -> Tensor:
-        """PIL image(s) -> ``pixel_values``: rescale to [0, 1], antialiased bilinear resize, ImageNet mean/std."""
-        return self.image_transform(images, size=size)
-
     def forward(self, pixel_values: Tensor) -> Tensor:
         H, W = pixel_values.shape[-2:]
         P = self.config.patch_size

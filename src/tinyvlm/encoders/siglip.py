@@ -143,22 +143,6 @@ class SiglipEncoder(Encoder):
             size=(config.image_size, config.image_size), resample=resample, mean=HALF, std=HALF, backend="pil"
         )
 
-    @property
-    def dim(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    def preprocess(self, images: Image.Image | list[Image.Image], *, size: tuple[int, int] | None = None) -> Tensor:
-        """PIL image(s) -> ``pixel_values``: resize (bicubic for SigLIP, bilinear for SigLIP2), ``x / 127.5 - 1``."""
-        return self.image_transform(images, size=size)
-
     def forward(self, pixel_values: Tensor) -> Tensor:
         x = self.embeddings(pixel_values)
         for layer in self.layers:
