@@ -27,7 +27,7 @@ LABELLED = 16
 
 
 def tinyvlm_model() -> tuple[nn.Module, dict[str, nn.Module], int]:
-    from tinyvlm.vlm import VLM
+    from tinyvlm.vlm.model import VLM
 
     # From the recipe alone: random init, offline (no tokenizer, so the image token id is the config's -1).
     vlm = VLM.from_config(tinyvlm.get_spec("nanovlm-222m").config)

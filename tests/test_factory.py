@@ -1,4 +1,4 @@
-"""`build_encoder` / `build_decoder` / `build_module` on the test-only tiny family: name forms, overrides,
+"""`build_encoder` / `build_decoder` / `part_config` on the test-only tiny family: name forms, overrides,
 random init, dtype, and kind checks."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from tiny_family import TinyConfig, TinyModule, checkpoint_tensors, write_checkpoint
 
 from tinyvlm.errors import ConfigError, UnknownModelError
-from tinyvlm.factory import build_decoder, build_encoder, resolve_config
-from tinyvlm.hub import parse_name
+from tinyvlm.factory import build_decoder, build_encoder, part_config
+from tinyvlm.sources import resolve
 
 
 def test_random_init_entry_with_overrides(tiny_zoo):
@@ -60,11 +60,11 @@ def test_kind_is_checked(tiny_zoo, tmp_path):
     with pytest.raises(UnknownModelError, match="'test-tiny' is an encoder, not a decoder. Pass it where an encoder is expected"):
         build_decoder("test-tiny")
     write_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(ConfigError, match=r"model_type 'tiny-test' is not a supported decoder family"):
+    with pytest.raises(ConfigError, match=r"config.json describes an encoder \(tiny family\), not a decoder"):
         build_decoder(f"local-dir:{tmp_path / 'ckpt'}")
 
 
 def test_config_without_model_type(tiny_zoo, tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="config.json has no model_type"):
-        resolve_config("encoder", parse_name(f"local-dir:{tmp_path}"), {})
+    with pytest.raises(ConfigError, match="config.json has no model_type, which is not a supported encoder family"):
+        part_config("encoder", resolve(f"local-dir:{tmp_path}"), {})

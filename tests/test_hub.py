@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny_family import TinyConfig, TinyModule, checkpoint_tensors, hf_config, write_checkpoint
 
-from tinyvlm.errors import HubError, UnknownModelError
-from tinyvlm.factory import build_encoder, build_module
-from tinyvlm.hub import download, is_cached, model_folder, parse_name
+from tinyvlm.errors import HubError, UnknownModelError, WeightsError
+from tinyvlm.factory import build_encoder
+from tinyvlm.sources import download_model, is_cached, resolve
 
 REPO = "tiny-org/tiny-model"
 
@@ -40,7 +40,7 @@ def test_zoo_key_downloads_and_loads(hub, tmp_path, tiny_zoo):
     tiny_zoo("tiny-hub", hub_repo=REPO)
     module = build_encoder("tiny-hub")
     _assert_loaded(module)
-    assert is_cached(parse_name("tiny-hub").spec)
+    assert is_cached(resolve("tiny-hub").spec)
     paths = [path for _, path in hub.requests]
     assert all(path.startswith(f"/{REPO}/resolve/") for path in paths), hub.requests
 
@@ -66,13 +66,13 @@ def test_local_dir_name(tmp_path, tiny_zoo):
 
 def test_local_dir_without_config(tmp_path):
     with pytest.raises(HubError, match="not a model folder"):
-        parse_name(f"local-dir:{tmp_path}")
+        resolve(f"local-dir:{tmp_path}")
 
 
 @pytest.mark.parametrize("name", ["hf-hub:no-slash", "hf-hub:a/b/c", "hf-hub:/x", "hf-hub:org/name@"])
 def test_malformed_hf_hub_names(name):
     with pytest.raises(HubError, match="hf-hub:ORG/NAME"):
-        parse_name(name)
+        resolve(name)
 
 
 def test_entry_without_weights_is_random_init(hub, tiny_zoo):
@@ -81,7 +81,7 @@ def test_entry_without_weights_is_random_init(hub, tiny_zoo):
     assert isinstance(module, TinyModule) and not any(p.is_meta for p in module.parameters())
     assert hub.count() == 0
     with pytest.raises(HubError, match="pretrained=False"):
-        model_folder(parse_name("test-tiny"))
+        resolve("test-tiny").file("config.json")
 
 
 # ------------------------------------------------------------------------------------ cache and offline
@@ -100,7 +100,7 @@ def test_download_then_offline_makes_no_request(hub, tmp_path, tiny_zoo, offline
 
 def test_offline_subprocess_reads_cache_with_no_request(hub, tmp_path, tiny_zoo):
     commit = _publish(hub, tmp_path)
-    download(REPO)
+    download_model(f"hf-hub:{REPO}")
     hub.requests.clear()
     script = f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -158,7 +158,7 @@ def test_revision_pinning_survives_a_moving_branch(hub, tmp_path, tiny_zoo):
 def test_sharded_checkpoint(hub, tmp_path, tiny_zoo, offline_switch):
     _publish(hub, tmp_path, shards=3)
     tiny_zoo("tiny-sharded", hub_repo=REPO)
-    spec = parse_name("tiny-sharded").spec
+    spec = resolve("tiny-sharded").spec
     assert not is_cached(spec)
     _assert_loaded(build_encoder("tiny-sharded"))
     shards = {path.rsplit("/", 1)[1] for method, path in hub.requests if method == "GET"}
@@ -168,18 +168,18 @@ def test_sharded_checkpoint(hub, tmp_path, tiny_zoo, offline_switch):
     hub.requests.clear()
     _assert_loaded(build_encoder("tiny-sharded"))
     assert hub.requests == []
-    folder = model_folder(parse_name("tiny-sharded"))
+    folder = resolve("tiny-sharded").folder
     (folder / "model-00002-of-00003.safetensors").unlink()
     assert not is_cached(spec)
 
 
 def test_tokenizer_files(hub, tmp_path):
     hub.add(REPO, {"config.json": "{}", "model.safetensors": b"x", "tokenizer.json": "{}", "chat_template.jinja": "t"})
-    folder = download(REPO, tokenizer=True)
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"}
+    folder = resolve(f"hf-hub:{REPO}").tokenizer_folder()
+    assert {p.name for p in folder.iterdir()} == {"config.json", "tokenizer.json", "chat_template.jinja"}
     hub.add("tiny-org/no-tokenizer", {"config.json": "{}", "model.safetensors": b"x"})
     with pytest.raises(HubError, match="has no tokenizer.json"):
-        download("tiny-org/no-tokenizer", tokenizer=True)
+        resolve("hf-hub:tiny-org/no-tokenizer").tokenizer_folder()
 
 
 # ----------------------------------------------------------------------------------------- error paths
@@ -214,7 +214,7 @@ def test_repo_without_config(hub, tiny_zoo):
 
 def test_pickle_only_repo_is_refused(hub, tiny_zoo):
     hub.add(REPO, {"config.json": json.dumps(hf_config(TinyConfig())), "pytorch_model.bin": b"pickle"})
-    with pytest.raises(HubError, match=r"neither model.safetensors nor model.safetensors.index.json.*never pickle"):
+    with pytest.raises(WeightsError, match=r"neither model.safetensors nor model.safetensors.index.json.*never pickle"):
         build_encoder(f"hf-hub:{REPO}")
     assert hub.count("pytorch_model.bin") == 0
 
@@ -228,7 +228,7 @@ def test_offline_with_nothing_cached(tiny_zoo):
 def test_offline_with_only_the_config_cached(hub, tmp_path, tiny_zoo, offline_switch):
     """`tinyvlm info` fetches config.json alone; a later offline load must say what to download."""
     _publish(hub, tmp_path)
-    model_folder(parse_name(f"hf-hub:{REPO}"), weights=False)
+    resolve(f"hf-hub:{REPO}").config_json()
     offline_switch()
     with pytest.raises(HubError, match=rf"model.safetensors of {REPO}@\w+ is not in the local cache.*"
                        rf"Run `tinyvlm download hf-hub:{REPO}` while online"):
@@ -254,4 +254,4 @@ def test_hub_outage_answers_with_http_status(hub, tiny_zoo, monkeypatch):
 def test_unknown_zoo_key_is_not_a_hub_error(tiny_zoo):
     tiny_zoo("tiny-hub", hub_repo=REPO)
     with pytest.raises(UnknownModelError, match="tiny-hub"):
-        build_module("encoder", "tiny-hbu", pretrained=True, dtype=None, device=None, overrides={})
+        build_encoder("tiny-hbu")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from tinyvlm.errors import DataError
 from tinyvlm.image import ImageTransform
-from tinyvlm.processor import IGNORE_INDEX, ImageTokenConfig, Processor
+from tinyvlm.processor import IGNORE_INDEX, Processor
+from tinyvlm.vlm.config import ImageTokenConfig
 from tinyvlm.tokenizer import load_tokenizer
 
 S = 16  # view size of the test processor

@@ -20,7 +20,8 @@ import tinyvlm
 from tinyvlm.data import IGNORE_INDEX, collate, encode_records, read_records
 from tinyvlm.demo import make_shapes_dataset
 from tinyvlm.errors import ConfigError
-from tinyvlm.training import build_model, lr_factor, make_config, parse_parts, summed_loss
+from tinyvlm.training.config import make_config, parse_parts
+from tinyvlm.training.loop import build_model, lr_factor, summed_loss
 
 MODEL = dict(model="test-vlm")  # test-siglip + pixel shuffle 2 + test-llama
 
@@ -70,7 +71,7 @@ def test_parts_and_option_errors(data: Path, tmp_path: Path) -> None:
         (dict(MODEL, encoder="test-siglip", decoder="test-llama"), "either model"),
         (dict(encoder="test-siglip"), "both encoder and decoder"),
         (dict(MODEL, batch_size=0), "batch_size"),
-        (dict(MODEL, learning_rate=1.0), "unknown option 'learning_rate'"),
+        (dict(MODEL, learning_rate=1.0), "unknown option learning_rate"),
         (dict(MODEL, val_data=data, val_fraction=0.1), "val_data or val_fraction"),
     ]:
         with pytest.raises(ConfigError, match=message):

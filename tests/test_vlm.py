@@ -14,7 +14,9 @@ from PIL import Image
 import tinyvlm
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.processor import IGNORE_INDEX
-from tinyvlm.vlm import VLM, VLMConfig, build_vlm, load_vlm
+from tinyvlm.vlm.building import build_vlm, load_vlm
+from tinyvlm.vlm.config import VLMConfig
+from tinyvlm.vlm.model import VLM
 
 ENCODERS = ["test-siglip", "test-dinov3"]
 DECODERS = ["test-llama", "test-gemma3"]
@@ -164,7 +166,7 @@ def test_save_replaces_a_model_folder_atomically_and_refuses_other_folders(tmp_p
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
-def test_push_to_hub_uploads_the_folder_and_a_model_card(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_to_hub_uploads_the_folder_and_a_model_card(hub, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
     calls: list[tuple[str, dict]] = []

@@ -11,7 +11,8 @@ from tiny_family import TinyConfig, TinyModule, checkpoint_tensors, key_map, wri
 from torch import nn
 
 from tinyvlm.errors import WeightsError
-from tinyvlm.weights import KeyMap, load_checkpoint, safetensors_files
+from tinyvlm.sources import resolve
+from tinyvlm.weights import KeyMap, load_checkpoint
 
 
 def _meta_tiny(config: TinyConfig = TinyConfig()) -> TinyModule:
@@ -189,7 +190,8 @@ def test_requires_grad_is_kept_and_weights_are_trainable(tmp_path):
 
 def test_sharded_files(tmp_path):
     tensors = write_checkpoint(tmp_path, shards=3)
-    files = safetensors_files(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    files = resolve(f"local-dir:{tmp_path}").weight_files()
     assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     module = load_checkpoint(_meta_tiny(), files, key_map(TinyConfig()))
     assert torch.equal(module.out.weight, tensors["model.out.weight"])
@@ -197,5 +199,6 @@ def test_sharded_files(tmp_path):
 
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(WeightsError, match=r"no .safetensors file .* pytorch_model.bin: tinyvlm reads safetensors only"):
-        safetensors_files(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match=r"neither model.safetensors .* It has pytorch_model.bin. tinyvlm loads safetensors only"):
+        resolve(f"local-dir:{tmp_path}").weight_files()

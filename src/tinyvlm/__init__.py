@@ -18,13 +18,13 @@ _LAZY = {
     "build_encoder": "tinyvlm.factory",
     "build_decoder": "tinyvlm.factory",
     "build_projector": "tinyvlm.factory",
-    "build_vlm": "tinyvlm.vlm",
-    "load_vlm": "tinyvlm.vlm",
-    "VLM": "tinyvlm.vlm",
-    "VLMConfig": "tinyvlm.vlm",
+    "build_vlm": "tinyvlm.vlm.building",
+    "load_vlm": "tinyvlm.vlm.building",
+    "VLM": "tinyvlm.vlm.model",
+    "VLMConfig": "tinyvlm.vlm.config",
     "load_tokenizer": "tinyvlm.tokenizer",
     "Tokenizer": "tinyvlm.tokenizer",
-    "train": "tinyvlm.training",
+    "train": "tinyvlm.training.loop",
 }
 
 __all__ = [
@@ -55,5 +55,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from tinyvlm.factory import build_decoder, build_encoder, build_projector
     from tinyvlm.tokenizer import Tokenizer, load_tokenizer
-    from tinyvlm.training import train
-    from tinyvlm.vlm import VLM, VLMConfig, build_vlm, load_vlm
+    from tinyvlm.training.loop import train
+    from tinyvlm.vlm.building import build_vlm, load_vlm
+    from tinyvlm.vlm.config import VLMConfig
+    from tinyvlm.vlm.model import VLM

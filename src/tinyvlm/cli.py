@@ -10,7 +10,7 @@ from typing import Sequence
 
 from tinyvlm import __version__
 from tinyvlm.errors import TinyVLMError
-from tinyvlm.registry import KINDS, ModelSpec, get_spec, list_models
+from tinyvlm.registry import KINDS, ModelSpec, list_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +71,7 @@ def _format_params(params: int | None) -> str:
 def _row(spec: ModelSpec) -> dict[str, object]:
     """One zoo entry as ``--json`` prints it: the spec without its config, plus ``cached`` (true / false, or
     null when there is nothing to download)."""
-    from tinyvlm.hub import is_cached
+    from tinyvlm.sources import is_cached
 
     row = spec.to_json()
     row.pop("config_json")
@@ -113,27 +113,13 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from tinyvlm.hub import parse_name
+    from tinyvlm.sources import resolve
 
-    source = parse_name(args.name)
+    source = resolve(args.name)
     if source.spec is not None:
         info = {**_row(source.spec), "config": source.spec.config_json}
-    else:  # hf-hub: / local-dir: the family and its config come from config.json (weights not downloaded)
-        from tinyvlm.hub import model_folder, read_config
-        from tinyvlm.registry import family_for_model_type
-
-        folder = model_folder(source, weights=False)
-        hf_config = read_config(folder)
-        family = family_for_model_type(str(hf_config.get("model_type", "")))
-        info = {
-            "name": args.name,
-            "kind": family.kind,
-            "family": family.name,
-            "hub_repo": source.repo_id,
-            "revision": folder.name if source.repo_id else None,  # the commit config.json resolved to
-            "folder": str(folder),
-            "config": family.config_cls.from_hf(hf_config).model_dump(mode="json"),
-        }
+    else:  # a checkpoint: described by the family that reads its config.json (weights not downloaded)
+        info = describe_checkpoint(source)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -145,8 +131,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_checkpoint(source) -> dict[str, object]:
+    """An ``hf-hub:`` / ``local-dir:`` / folder checkpoint as ``info`` shows it: its family and config (as
+    that family reads them: a VLM layout's full `VLMConfig`), parameters and width (measured on the meta
+    device) and where its files are."""
+    from tinyvlm.factory import part_config
+    from tinyvlm.registry import family_for_config, measure
+
+    family = family_for_config(source.config_json(), where=source.name)
+    if family.read is not None:
+        config, _ = family.read(source)
+    else:
+        _, config = part_config(family.kind, source, {})
+    params, dim = measure(family, config)
+    return {
+        "name": source.name,
+        "kind": family.kind,
+        "family": family.name,
+        "params": params,
+        "dim": dim,
+        "hub_repo": source.repo_id,
+        "revision": source.commit,  # the commit config.json resolved to (None for a local folder)
+        "folder": str(source.folder),
+        "config": config.model_dump(mode="json"),
+    }
+
+
 def cmd_download(args: argparse.Namespace) -> int:
-    from tinyvlm.hub import download_model
+    from tinyvlm.sources import download_model
 
     for name in args.names:
         for model, folder in download_model(name):
@@ -177,25 +189,20 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
+    from tinyvlm.devices import check_device, default_device
     from tinyvlm.errors import ConfigError
-    from tinyvlm.hub import HF_HUB, LOCAL_DIR
-    from tinyvlm.vlm import build_vlm, load_vlm
+    from tinyvlm.vlm.building import build_vlm, open_vlm
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) or default_device()
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        recipe = not args.model.startswith((HF_HUB, LOCAL_DIR)) and not os.path.isdir(args.model)
-        if recipe and not get_spec(args.model, kind="vlm").trained:
-            vlm = build_vlm(args.model, device=device)
-        else:
-            vlm = load_vlm(args.model, device=device)
+        vlm = open_vlm(args.model, device=device)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
         vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device)
+    vlm.prepare_for_inference()
     for piece in vlm.stream(
         args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature
     ):
@@ -266,7 +273,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tinyvlm.training import train
+    from tinyvlm.training.loop import train
 
     options = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
     train(**options)

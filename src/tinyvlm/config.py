@@ -9,13 +9,25 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tinyvlm.errors import ConfigError
 
 
+#: Activation functions by their ``config.json`` names (``tinyvlm.layers.ACTIVATIONS`` implements each).
+ACTIVATION_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new", "silu", "swish", "relu")
+
+
 class Config(BaseModel):
-    """A family's configuration. Unknown fields are errors; instances are immutable (edit with `replace`)."""
+    """A family's configuration. Unknown fields are errors; instances are immutable (edit with `replace`).
+    However it is made (the constructor, `validate_dict`, `replace`, ``from_hf``), an invalid config is a
+    `ConfigError` naming each bad field."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     #: The family this config belongs to (``"siglip"``, ``"llama"``, ...). Set by each subclass.
     family: ClassVar[str] = ""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigError(_describe(type(self), error, "")) from None
 
     @classmethod
     def from_hf(cls, hf_config: dict[str, Any]) -> "Config":
@@ -24,11 +36,13 @@ class Config(BaseModel):
 
     @classmethod
     def validate_dict(cls, values: dict[str, Any], *, context: str = "") -> "Config":
-        """Validate ``values`` into this config, turning pydantic's errors into one readable `ConfigError`."""
+        """Validate ``values`` into this config; ``context`` (a model name) prefixes the `ConfigError`."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{context + ': ' if context else ''}{cls.__name__} needs a JSON object, got {values!r}")
         try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise ConfigError(_describe(cls, error, context)) from None
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{context}: {error}" if context else str(error)) from None
 
     def replace(self, **overrides: Any) -> "Config":
         """A validated copy with ``overrides`` applied; an unknown field names the valid ones."""
@@ -51,10 +65,23 @@ def _describe(cls: type[BaseModel], error: ValidationError, context: str) -> str
         if item["type"] == "extra_forbidden":
             valid = ", ".join(sorted(cls.model_fields))
             problems.append(f"unknown field {where!r} (valid fields: {valid})")
+        elif isinstance(item.get("ctx", {}).get("error"), ConfigError):  # a nested config's own message
+            nested = str(item["ctx"]["error"])
+            problems.append(f"{where}: {nested}" if item["loc"] else nested)
+        elif not item["loc"]:  # a whole-config rule (divisibility, ...)
+            problems.append(item["msg"].removeprefix("Value error, "))
         else:
-            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message} (got {item.get('input')!r})")
     prefix = f"{context}: " if context else ""
     return f"{prefix}invalid {cls.__name__}: " + "; ".join(problems)
+
+
+def check_activation(name: str) -> str:
+    """A validator body: ``name`` must be one of `ACTIVATION_NAMES`."""
+    if name not in ACTIVATION_NAMES:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATION_NAMES)}")
+    return name
 
 
 def require(hf_config: dict[str, Any], key: str, expected: Any, *, family: str) -> None:

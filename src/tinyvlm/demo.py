@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 if TYPE_CHECKING:
     from tinyvlm.data import Record
     from tinyvlm.tokenizer import Tokenizer
-    from tinyvlm.vlm import VLM
+    from tinyvlm.vlm.model import VLM
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -126,7 +126,8 @@ def build_demo_vlm(tokenizer: "Tokenizer", seed: int) -> "VLM":
     ``tokenizer`` and the decoder's vocabulary sized to it."""
     import torch
 
-    from tinyvlm.vlm import VLM, build_vlm
+    from tinyvlm.vlm.building import build_vlm
+    from tinyvlm.vlm.model import VLM
 
     torch.manual_seed(seed)
     base = build_vlm("test-vlm", pretrained=False, dtype=torch.float32, decoder_kwargs={"vocab_size": len(tokenizer)})
@@ -158,8 +159,8 @@ def run_demo(
 
 def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool, *, keep: bool) -> DemoResult:
     from tinyvlm.data import read_records, split_records
-    from tinyvlm.training import normalize_answer, train
-    from tinyvlm.vlm import load_vlm
+    from tinyvlm.training.loop import normalize_answer, train
+    from tinyvlm.vlm.building import load_vlm
 
     began = time.perf_counter()
     say = lambda text: print(text, flush=True)  # noqa: E731

@@ -49,7 +49,6 @@ def generate_stream(
     if max_new_tokens == 0:
         return
 
-    decoder.use_decoding_layout()
     cache = decoder.new_cache(B, T + max_new_tokens)
     mask = None  # positions follow from it: cumsum - 1 (see TransformerDecoder.hidden_states)
     if attention_mask is not None:

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyvlm.config import Config
+from pydantic import Field
+
+from tinyvlm.config import ACTIVATION_NAMES, Config
 from tinyvlm.errors import ConfigError
 
-#: Activation names as they appear in Hugging Face configs (``hidden_act`` / ``hidden_activation``).
+#: Activation names as they appear in Hugging Face configs (``hidden_act`` / ``hidden_activation``); configs
+#: validate against the same names (`tinyvlm.config.ACTIVATION_NAMES`).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # exact (erf)
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -21,6 +24,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "swish": F.silu,
     "relu": F.relu,
 }
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:
@@ -106,12 +110,12 @@ class RopeConfig(Config):
     keeps the high ones and interpolates in between (Llama-3.1+). Both keep the cos/sin amplitude at 1.
     """
 
-    theta: float
+    theta: float = Field(gt=0)
     type: Literal["default", "linear", "llama3"] = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float = Field(1.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
 
     @classmethod
     def from_hf(cls, params: dict[str, Any] | None, *, theta: float | None = None) -> "RopeConfig":

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydantic import Field
 from torch import Tensor
 
-from tinyvlm.config import Config
 from tinyvlm.errors import ConfigError, DataError
+from tinyvlm.vlm.config import ImageTokenConfig
 
 if TYPE_CHECKING:
     from tinyvlm.tokenizer import Tokenizer
@@ -44,44 +43,6 @@ PLAIN_ROLES = {"system": "", "user": "User: ", "assistant": "Assistant:"}
 ImageInput = Union[Image.Image, str, Path]
 Message = dict[str, Any]
 Prompt = Union[str, Sequence[Message]]
-
-
-class ImageTokenConfig(Config):
-    """The special tokens that carry images, and the image-splitting settings."""
-
-    family: ClassVar[str] = "image-tokens"
-
-    #: One per projected image feature.
-    image_token: str = "<|image|>"
-    #: Before the global view of a split image.
-    global_image_token: str = "<|global_image|>"
-    #: Before each tile of a split image; ``{row}`` and ``{col}`` count from 1.
-    tile_token: str = "<row_{row}_col_{col}>"
-    #: Split images larger than the encoder's input into a grid of tiles (plus a global view).
-    split_images: bool = False
-    #: At most this many tile rows and columns (nanoVLM: 4, i.e. 16 tiles + the global view).
-    max_grid: int = Field(4, ge=1, le=8)
-    layout: Literal["nanovlm", "smolvlm"] = "nanovlm"
-    #: ``smolvlm`` layout: first resize so the longest edge has this many pixels (None: keep the size).
-    resize_longest_edge: int | None = Field(None, ge=1)
-    #: Views resized bilinearly and rescaled to [0, 1] without the encoder's mean / std (nanoVLM v0.1's
-    #: ``Resize`` + ``ToTensor``) instead of the encoder's own preprocessing.
-    rescale_only: bool = False
-
-    def marker_tokens(self) -> list[str]:
-        """The tokens that are embedded like text (and so need embedding rows): global and tile markers."""
-        if self.layout == "smolvlm":
-            from tinyvlm.pretrained.smolvlm_processing import FAKE_TOKEN
-
-            tiles = [self.tile(r, c) for r in range(1, self.max_grid + 1) for c in range(1, self.max_grid + 1)]
-            return [FAKE_TOKEN, self.global_image_token, *(tiles if self.split_images else [])]
-        if not self.split_images:
-            return []
-        tiles = [self.tile(r, c) for r in range(1, self.max_grid + 1) for c in range(1, self.max_grid + 1)]
-        return [self.global_image_token, *tiles]
-
-    def tile(self, row: int, col: int) -> str:
-        return self.tile_token.format(row=row, col=col)
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -23,6 +23,7 @@ from tinyvlm.errors import ConfigError, UnknownModelError
 
 if TYPE_CHECKING:
     from tinyvlm.config import Config
+    from tinyvlm.sources import Source
     from tinyvlm.weights import KeyMap
 
 Kind = Literal["encoder", "decoder", "projector", "vlm"]
@@ -35,7 +36,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "tinyvlm.projectors.pixel_shuffle",
     "tinyvlm.decoders.llama",
     "tinyvlm.decoders.gemma3",
-    "tinyvlm.vlm",
+    "tinyvlm.vlm.recipes",
     "tinyvlm.pretrained.smolvlm",
     "tinyvlm.pretrained.nanovlm",
 )
@@ -45,7 +46,12 @@ INDEX_PATH = Path(__file__).with_name("zoo.json")
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: how to validate its config, build its module and read its checkpoints."""
+    """A model family: how to validate its config, build its module and read its checkpoints.
+
+    Encoder and decoder families read a checkpoint's ``config.json`` with ``config_cls.from_hf``. A VLM
+    layout (tinyvlm's own saves, SmolVLM / Idefics3, nanoVLM) needs more than ``config.json`` (processor
+    settings, a tokenizer, perhaps named by another repo), so it gives ``read``.
+    """
 
     name: str
     kind: Kind
@@ -56,6 +62,12 @@ class Family:
     key_map: Callable[["Config"], "KeyMap"] | None = None
     #: The ``model_type`` values of ``config.json`` files this family reads (for ``hf-hub:`` / ``local-dir:``).
     hf_model_types: tuple[str, ...] = ()
+    #: Recognises a ``config.json`` that has no ``model_type`` (nanoVLM's flat one); checked before the types.
+    detect: Callable[[dict[str, Any]], bool] | None = None
+    #: VLM layouts: a checkpoint (its `Source`) -> its config (with resolved parts) and its tokenizer.
+    read: Callable[["Source"], tuple["Config", Any]] | None = None
+    #: How a ``config.json`` of this family is recognised, for messages ("model_type 'idefics3'").
+    describes: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,16 +166,29 @@ def get_family(name: str) -> Family:
         raise UnknownModelError(f"unknown family {name!r}; known: {', '.join(sorted(_FAMILIES))}") from None
 
 
-def family_for_model_type(model_type: str, kind: Kind | None = None) -> Family:
-    """The family that reads ``config.json`` files with this ``model_type``."""
+def family_for_config(hf_config: dict[str, Any], kind: Kind | None = None, *, where: str = "") -> Family:
+    """The family that reads this ``config.json``: the one whose ``detect`` recognises it, else the one
+    listing its ``model_type``. A family of another kind, or none, is a `ConfigError` naming what is supported."""
     load_families()
-    for family in _FAMILIES.values():
-        if model_type in family.hf_model_types and (kind is None or family.kind == kind):
-            return family
-    supported = sorted(t for f in _FAMILIES.values() if kind in (None, f.kind) for t in f.hf_model_types)
+    model_type = hf_config.get("model_type")
+    found = next((f for f in _FAMILIES.values() if f.detect is not None and f.detect(hf_config)), None)
+    if found is None and model_type:
+        found = next((f for f in _FAMILIES.values() if model_type in f.hf_model_types), None)
+    prefix = f"{where}: " if where else ""
+    if found is not None and (kind is None or found.kind == kind):
+        return found
+    if found is not None:
+        raise ConfigError(f"{prefix}config.json describes {_a(found.kind)} ({found.name} family), not {_a(kind or '')}")
+    supported = sorted(
+        description
+        for f in _FAMILIES.values()
+        if kind in (None, f.kind)
+        for description in ([f"model_type {t!r}" for t in f.hf_model_types] + ([f.describes] if f.describes else []))
+    )
     what = f"{kind} " if kind else ""
+    seen = f"model_type {model_type!r}" if model_type else "no model_type"
     raise ConfigError(
-        f"model_type {model_type!r} is not a supported {what}family; supported model types: {', '.join(supported)}"
+        f"{prefix}config.json has {seen}, which is not a supported {what}family. tinyvlm reads: {', '.join(supported)}"
     )
 
 

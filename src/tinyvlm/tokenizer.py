@@ -17,8 +17,6 @@ from tokenizers import Tokenizer as Backend
 
 from tinyvlm.errors import ConfigError, HubError
 
-ASSETS = Path(__file__).with_name("assets")
-
 #: SmolLM2-Instruct's template (HuggingFaceTB/SmolLM2-135M-Instruct, tokenizer_config.json): ChatML.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -270,15 +268,9 @@ def _write_atomic(path: Path, text: str) -> None:
 def load_tokenizer(name: str) -> Tokenizer:
     """The tokenizer of a zoo key (the ``test-*`` decoders use one shipped with tinyvlm), an
     ``hf-hub:ORG/NAME`` repo or a ``local-dir:PATH`` folder."""
-    from tinyvlm.hub import model_folder, parse_name
+    from tinyvlm.sources import resolve
 
-    source = parse_name(name)
-    if source.spec is not None and source.spec.hub_repo is None:
-        shipped = ASSETS / source.spec.key
-        if not (shipped / "tokenizer.json").is_file():
-            raise HubError(f"{name!r} is a random-init entry with no tokenizer; use a decoder that has one")
-        return Tokenizer.from_folder(shipped)
-    return Tokenizer.from_folder(model_folder(source, weights=False, tokenizer=True))
+    return Tokenizer.from_folder(resolve(name).tokenizer_folder())
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tinyvlm.errors import WeightsError
@@ -34,12 +36,15 @@ class KeyMap:
     it is cut along dim 0 into ``len(replacements)`` equal chunks (nanoVLM's stacked q, k, v).
     ``squeeze``: patterns of checkpoint keys stored with a leading dimension of size 1 that the module's
     tensor does not have (nanoVLM's ``[1, N, D]`` position table for an ``[N, D]`` embedding).
+    ``copies``: ``(pattern, replacement)`` pairs for keys that hold a second copy of a tied tensor (an LM head
+    tied to the embedding): read only when the file has no other key for that tensor, skipped otherwise.
     """
 
     rename: tuple[tuple[str, str], ...]
     unused: tuple[str, ...] = ()
     split: tuple[tuple[str, tuple[str, ...]], ...] = ()
     squeeze: tuple[str, ...] = ()
+    copies: tuple[tuple[str, str], ...] = ()
 
     def squeezes(self, key: str) -> bool:
         return any(re.fullmatch(pattern, key) for pattern in self.squeeze)
@@ -56,24 +61,12 @@ class KeyMap:
                 return (re.sub(pattern, replacement, key),)
         return ()
 
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder: ``model.safetensors`` or the shards of its index."""
-    import json
-
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / shard for shard in shards]
-    found = sorted(folder.glob("*.safetensors"))
-    if not found:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
-        extra = f" It has {', '.join(pickles)}: tinyvlm reads safetensors only, never pickle." if pickles else ""
-        raise WeightsError(f"no .safetensors file in {folder}.{extra}")
-    return found
+    def copy_target(self, key: str) -> str | None:
+        """The tied module key a `copies` key would fill, or None."""
+        for pattern, replacement in self.copies:
+            if re.fullmatch(pattern, key):
+                return re.sub(pattern, replacement, key)
+        return None
 
 
 def load_checkpoint(
@@ -95,7 +88,7 @@ def load_checkpoint(
         raise WeightsError(f"checkpoint {_describe_files(files)} does not fit {type(module).__name__}:\n" + problems)
 
     for path, keys in plan.items():
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with open_safetensors(path) as handle:
             for key, targets in keys:
                 tensor = handle.get_tensor(key)
                 if key_map.squeezes(key):
@@ -107,6 +100,20 @@ def load_checkpoint(
                 del tensor
     materialize_buffers(module, device)
     return module
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open` whose failures (a truncated download, a file that is not safetensors) are `WeightsError`s."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt. "
+            "Delete it and download it again (tinyvlm download NAME), or save the model again."
+        ) from None
+    with handle:
+        yield handle
 
 
 def materialize_buffers(module: nn.Module, device: torch.device) -> None:
@@ -143,9 +150,14 @@ def _plan(
     plan: dict[Path, list[tuple[str, tuple[str, ...]]]] = defaultdict(list)
     covered: dict[str, str] = {}
     unexpected, mismatched, duplicated = [], [], []
+    copies: list[tuple[Path, str, str]] = []
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with open_safetensors(path) as handle:
             for key in handle.keys():
+                copy_of = key_map.copy_target(key)
+                if copy_of is not None:
+                    copies.append((path, key, copy_of))
+                    continue
                 targets = key_map.targets(key)
                 if targets is None:
                     continue
@@ -171,6 +183,11 @@ def _plan(
                     for name in group:
                         covered[name] = key
                 plan[path].append((key, targets))
+    for path, key, target in copies:  # a second copy of a tied tensor fills it only when nothing else does
+        if target in expected and target not in covered:
+            for name in aliases[target]:
+                covered[name] = key
+            plan[path].append((key, (target,)))
     missing = [name for name in expected if name not in covered]
     sections = [
         ("missing from the checkpoint", missing),

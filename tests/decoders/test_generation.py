@@ -218,7 +218,7 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     ids = ids_of(1, 12)
     with torch.no_grad():
         logits = model(ids).logits
-    model.use_decoding_layout()
+    model.prepare_for_inference()
     state = model.state_dict()
     assert state.keys() == before.keys()
     assert all(torch.equal(state[name], value) for name, value in before.items())
@@ -230,7 +230,7 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     model(ids).logits.logsumexp(-1).mean().backward()
     assert q.grad is not None and q.grad.shape == q.shape and q.grad.abs().sum() > 0
     low = model.to(torch.bfloat16)
-    low.use_decoding_layout()
+    low.prepare_for_inference()
     assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major
 
 
@@ -264,7 +264,7 @@ def test_split_decoding_equals_one_thread(decoder, threads, monkeypatch):
     import tinyvlm.layers
 
     ids = ids_of(1, 20)
-    decoder.use_decoding_layout()  # as generate does (the layout picks the kernel, so it comes first)
+    decoder.prepare_for_inference()  # as build_decoder does (the layout picks the kernel)
 
     def decode() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

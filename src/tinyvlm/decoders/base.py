@@ -8,7 +8,9 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from tinyvlm.config import Config
+from pydantic import Field, field_validator, model_validator
+
+from tinyvlm.config import Config, check_activation
 from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import split_linear
@@ -107,24 +109,52 @@ class Decoder(nn.Module):
 
 
 class DecoderConfig(Config):
-    """Fields every decoder family has, including what generation needs (special token ids)."""
+    """Fields every decoder family has, including what generation needs (special token ids).
+    ``head_dim`` defaults to ``hidden_size / num_heads`` (computed once, here)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
+    vocab_size: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(None, ge=1, validate_default=False)  # type: ignore[assignment]
+    rms_norm_eps: float = Field(gt=0)
     hidden_act: str
     tie_word_embeddings: bool = True
     attention_bias: bool = False
-    max_position_embeddings: int
-    bos_token_id: int | None = None
+    max_position_embeddings: int = Field(ge=1)
+    bos_token_id: int | None = Field(None, ge=0)
     #: Every id that ends a generation (Gemma-3-it: ``<eos>`` and ``<end_of_turn>``).
     eos_token_ids: list[int] = []
-    pad_token_id: int | None = None
+    pad_token_id: int | None = Field(None, ge=0)
+
+    @field_validator("hidden_act")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        return check_activation(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_head_dim(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("head_dim") is None and "hidden_size" in values:
+            heads, hidden = values.get("num_heads"), values["hidden_size"]
+            if isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+                if hidden % heads:
+                    raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {heads}: give head_dim")
+                values = {**values, "head_dim": hidden // heads}
+        return values
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "DecoderConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
+        ids += [("eos_token_ids", i) for i in self.eos_token_ids]
+        for name, token in ids:
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary of {self.vocab_size} tokens")
+        return self
 
     def with_generation_config(self, generation: dict[str, Any]) -> "DecoderConfig":
         """These ids overridden by those a ``generation_config.json`` sets (it takes precedence over
@@ -200,15 +230,18 @@ class TransformerDecoder(Decoder):
         )
 
     @torch.no_grad()
-    def use_decoding_layout(self) -> None:
+    def prepare_for_inference(self) -> "TransformerDecoder":
         """Store the weight matrices in the memory layout fastest for decoding on this device and dtype;
-        shapes, values and parameter names stay the same. Called after loading and when generation starts
-        (a no-op when already done).
+        shapes, values and parameter names stay the same, and calling it again does nothing. Inference entry
+        points (`tinyvlm.build_decoder`, `tinyvlm.load_vlm`, the ``generate`` command) take this step;
+        training never does (an optimizer's state would no longer match the weights' strides), and
+        ``generate`` never changes the weights.
 
         Decoding multiplies every matrix by one vector (one MKL call per thread's block of rows, see
-        `tinyvlm.layers.split_linear`). For fp32 on CPU, MKL reads a wide ``W [out, in]`` (``out >= in``: the LM head, q, gate, up) 1.3-1.9x
-        faster when it is stored column-major (``W.t()`` contiguous), a narrow one (k, v, o, down) faster
-        row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest row-major throughout.
+        `tinyvlm.layers.split_linear`). For fp32 on CPU, MKL reads a wide ``W [out, in]`` (``out >= in``: the LM
+        head, q, gate, up) 1.3-1.9x faster when it is stored column-major (``W.t()`` contiguous), a narrow one
+        (k, v, o, down) faster row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest
+        row-major throughout.
         """
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         for module in self.modules():
@@ -221,10 +254,7 @@ class TransformerDecoder(Decoder):
                 if weight.is_meta or column_major == (weight.stride(0) == 1):
                     continue
                 weight.data = weight.data.t().contiguous().t() if column_major else weight.data.contiguous()
-
-    def materialize_buffers(self, device: torch.device) -> None:
-        """Called by the loader once the weights are assigned."""
-        self.use_decoding_layout()
+        return self
 
     def forward(
         self,
@@ -308,7 +338,6 @@ class TransformerDecoder(Decoder):
             self.lm_head.weight = nn.Parameter(_grown(self.lm_head.weight, new_size))
             self.lm_head.out_features = new_size
         self.config = self.config.replace(vocab_size=new_size)
-        self.use_decoding_layout()
 
 
 def _grown(weight: Tensor, rows: int) -> Tensor:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from tinyvlm.config import require
 from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids
 from tinyvlm.decoders.cache import LayerKV
-from tinyvlm.errors import ConfigError
 from tinyvlm.layers import Attention, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
@@ -26,11 +26,11 @@ class Gemma3Config(DecoderConfig):
     family = "gemma3"
 
     layer_types: list[LayerType]
-    sliding_window: int
-    query_pre_attn_scalar: float
+    sliding_window: int = Field(ge=1)
+    query_pre_attn_scalar: float = Field(gt=0)
     rope_global: RopeConfig
     rope_local: RopeConfig
-    final_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = Field(None, gt=0)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "Gemma3Config":
@@ -74,9 +74,11 @@ class Gemma3Config(DecoderConfig):
             pad_token_id=hf.get("pad_token_id", 0),
         )
 
-    def model_post_init(self, context: Any) -> None:
+    @model_validator(mode="after")
+    def _one_type_per_layer(self) -> "Gemma3Config":
         if len(self.layer_types) != self.num_layers:
-            raise ConfigError(f"gemma3: {len(self.layer_types)} layer_types for {self.num_layers} layers")
+            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
+        return self
 
 
 class Gemma3Block(nn.Module):

@@ -26,11 +26,11 @@ from PIL import Image
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from tinyvlm.config import Config, require
+from tinyvlm.config import Config, check_activation, require
 from tinyvlm.encoders.base import Encoder
 from tinyvlm.errors import ConfigError
 from tinyvlm.image import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from tinyvlm.layers import ACTIVATIONS, MLP, GatedMLP, LayerScale, SelfAttention
+from tinyvlm.layers import MLP, GatedMLP, LayerScale, SelfAttention
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
 
@@ -63,8 +63,7 @@ class DINOv3Config(Config):
             raise ValueError("the head dimension must be a multiple of 4 for the 2-D RoPE")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+        check_activation(self.hidden_act)
         return self
 
     @classmethod

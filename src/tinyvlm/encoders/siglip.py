@@ -19,11 +19,11 @@ from PIL import Image
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from tinyvlm.config import Config, require
+from tinyvlm.config import Config, check_activation, require
 from tinyvlm.encoders.base import Encoder
 from tinyvlm.errors import ConfigError
 from tinyvlm.image import HALF, ImageTransform
-from tinyvlm.layers import ACTIVATIONS, MLP, SelfAttention
+from tinyvlm.layers import MLP, SelfAttention
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
 
@@ -50,8 +50,7 @@ class SiglipConfig(Config):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads")
         if self.patch_size > self.image_size:
             raise ValueError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}")
+        check_activation(self.hidden_act)
         return self
 
     @classmethod

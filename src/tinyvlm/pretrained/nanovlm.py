@@ -28,23 +28,20 @@ tinyvlm's decoder is exact up to that length.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors import safe_open
 
 from tinyvlm.config import require
 from tinyvlm.decoders.llama import LlamaConfig
 from tinyvlm.encoders.siglip import SiglipConfig
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import RopeConfig
-from tinyvlm.processor import ImageTokenConfig
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
 from tinyvlm.registry import Family, register_family, register_model
+from tinyvlm.sources import Source, tokenizer_source
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm import VLM, BuiltParts, PartRecord, VLMConfig
-from tinyvlm.weights import KeyMap, load_checkpoint, safetensors_files
+from tinyvlm.vlm.config import BuiltParts, ImageTokenConfig, PartRecord, VLMConfig
+from tinyvlm.vlm.model import VLM
+from tinyvlm.weights import KeyMap
 
 #: The placeholder tinyvlm uses for v0.1 checkpoints, whose vocabulary has no image token.
 V01_IMAGE_TOKEN = "<|image|>"
@@ -81,7 +78,6 @@ def text_config(hf: dict[str, Any], tokenizer: Tokenizer) -> LlamaConfig:
         num_layers=hf["lm_n_blocks"],
         num_heads=heads,
         num_kv_heads=hf["lm_n_kv_heads"],
-        head_dim=hf["lm_hidden_dim"] // heads,
         rms_norm_eps=hf["lm_rms_eps"],
         hidden_act="silu",
         tie_word_embeddings=hf.get("lm_tie_weights", True),
@@ -92,9 +88,12 @@ def text_config(hf: dict[str, Any], tokenizer: Tokenizer) -> LlamaConfig:
     )
 
 
-def key_map(tied: bool, stored_embedding: bool) -> KeyMap:
-    """nanoVLM's names -> tinyvlm's. ``stored_embedding``: whether ``decoder.token_embedding.weight`` is in the
-    file (a tied head is stored once, under whichever name safetensors kept)."""
+def key_map(config: VLMConfig) -> KeyMap:
+    """nanoVLM's names -> tinyvlm's. Its files are ``safetensors.torch.save_model(model)``: a tied head is stored
+    once, under whichever name safetensors kept (``decoder.head.weight``, the first in sorted order), and the
+    persistent RoPE buffer ``decoder.rotary_embd.inv_freq`` is in the file (recomputed here from
+    ``lm_re_base``, so not read)."""
+    tied = bool(config.parts and config.parts.decoder.config.get("tie_word_embeddings"))
     rename = [
         (r"vision_encoder\.patch_embedding\.conv\.(weight|bias)", r"encoder.embeddings.patch_embedding.\1"),
         (r"vision_encoder\.patch_embedding\.position_embedding", "encoder.embeddings.position_embedding.weight"),
@@ -112,35 +111,24 @@ def key_map(tied: bool, stored_embedding: bool) -> KeyMap:
         (r"decoder\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"decoder.layers.\1.mlp.\2_proj.weight"),
         (r"decoder\.norm\.weight", "decoder.norm.weight"),
     ]
-    unused: tuple[str, ...] = ()
-    if not tied:
-        rename.append((r"decoder\.head\.weight", "decoder.lm_head.weight"))
-    elif stored_embedding:
-        unused = (r"decoder\.head\.weight",)  # a second copy of the tied embedding
-    else:
-        rename.append((r"decoder\.head\.weight", "decoder.embed_tokens.weight"))
+    head = (r"decoder\.head\.weight", "decoder.embed_tokens.weight" if tied else "decoder.lm_head.weight")
     qkv = tuple(rf"encoder.layers.\1.self_attn.{p}_proj.\2" for p in "qkv")
     return KeyMap(
-        rename=tuple(rename),
-        unused=unused,
+        rename=tuple(rename) + (() if tied else (head,)),
+        copies=(head,) if tied else (),
+        unused=(r"decoder\.rotary_embd\.inv_freq",),
         split=((r"vision_encoder\.blocks\.(\d+)\.attn\.qkv_proj\.(weight|bias)", qkv),),
         squeeze=(r"vision_encoder\.patch_embedding\.position_embedding",),
     )
 
 
-def load_tokenizer(hf: dict[str, Any]) -> Tokenizer:
-    """``lm_tokenizer``: a local folder, or a Hub repo whose tokenizer files are fetched."""
+def read_tokenizer(hf: dict[str, Any]) -> Tokenizer:
+    """``lm_tokenizer``: a Hub repo id (every published checkpoint names one, e.g.
+    ``HuggingFaceTB/cosmo2-tokenizer``, a repo of tokenizer files only) or a local folder."""
     name = hf.get("lm_tokenizer")
-    if not name:
+    if not isinstance(name, str) or not name:
         raise ConfigError("nanoVLM config.json names no lm_tokenizer")
-    if Path(name).expanduser().is_dir():
-        return Tokenizer.from_folder(Path(name).expanduser())
-    from tinyvlm.hub import TOKENIZER_FILES, _fetch, _fetch_optional
-
-    folder = _fetch(name, "tokenizer.json", None).parent
-    for filename in TOKENIZER_FILES[1:]:
-        _fetch_optional(name, filename, folder.name)
-    return Tokenizer.from_folder(folder)
+    return Tokenizer.from_folder(tokenizer_source(name).tokenizer_folder())
 
 
 def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig:
@@ -187,32 +175,25 @@ def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig
     )
 
 
-def load(
-    folder: Path, hf: dict[str, Any], *, name: str, dtype: torch.dtype | None, device: torch.device | str | None
-) -> VLM:
-    """A nanoVLM folder -> a tinyvlm `VLM` (built on meta, loaded strictly through the key map)."""
-    tokenizer = load_tokenizer(hf)
-    config = vlm_config(hf, name, tokenizer)
-    files = safetensors_files(folder)
-    keys = set()
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            keys.update(handle.keys())
-    with torch.device("meta"):
-        vlm = VLM.from_config(config)
-    tied = bool(hf.get("lm_tie_weights", True))
-    load_checkpoint(vlm, files, key_map(tied, "decoder.token_embedding.weight" in keys), dtype=dtype, device=device)
-    vlm.tokenizer = tokenizer
-    return vlm.eval()
+def read(source: Source) -> tuple[VLMConfig, Tokenizer]:
+    """A nanoVLM checkpoint: its flat ``config.json`` and the tokenizer it names."""
+    hf = source.config_json()
+    tokenizer = read_tokenizer(hf)
+    return vlm_config(hf, source.name, tokenizer), tokenizer
 
 
-def _family_key_map(config: VLMConfig) -> KeyMap:
-    """The layout ``save_pretrained`` of nanoVLM writes (a tied embedding stored as ``decoder.head.weight``)."""
-    tied = bool(config.parts and config.parts.decoder.config.get("tie_word_embeddings"))
-    return key_map(tied, stored_embedding=not tied)
-
-
-register_family(Family(name="nanovlm", kind="vlm", config_cls=VLMConfig, build=VLM.from_config, key_map=_family_key_map))
+register_family(
+    Family(
+        name="nanovlm",
+        kind="vlm",
+        config_cls=VLMConfig,
+        build=VLM.from_config,
+        key_map=key_map,
+        detect=is_nanovlm_config,
+        read=read,
+        describes="nanoVLM's flat config.json (vit_* / lm_* fields)",
+    )
+)
 
 # ------------------------------------------------------------------------------------------------- zoo
 

@@ -22,12 +22,8 @@ frame sequences with timestamps in the prompt).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from tinyvlm.config import require
 from tinyvlm.decoders.llama import LlamaConfig
@@ -35,12 +31,13 @@ from tinyvlm.encoders.siglip import SiglipConfig
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import RopeConfig
 from tinyvlm.pretrained.smolvlm_processing import CHAT_TEMPLATE, GLOBAL_TOKEN, IMAGE_TOKEN
-from tinyvlm.processor import ImageTokenConfig
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
 from tinyvlm.registry import Family, register_family, register_model
+from tinyvlm.sources import Source
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm import VLM, BuiltParts, PartRecord, VLMConfig
-from tinyvlm.weights import KeyMap, load_checkpoint, safetensors_files
+from tinyvlm.vlm.config import BuiltParts, ImageTokenConfig, PartRecord, VLMConfig
+from tinyvlm.vlm.model import VLM
+from tinyvlm.weights import KeyMap
 
 #: ``model_type`` values of their config.json files.
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -71,10 +68,11 @@ def text_config(hf: dict[str, Any]) -> LlamaConfig:
     return LlamaConfig.from_hf(text)
 
 
-def key_map(tied: bool) -> KeyMap:
+def key_map(config: VLMConfig) -> KeyMap:
     """Their files (``save_pretrained`` of ``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration``
     and the Hub repos alike): ``model.vision_model.*``, ``model.connector.modality_projection.proj.weight``,
     ``model.text_model.*`` and ``lm_head.weight`` (absent, or a copy, when tied)."""
+    tied = bool(config.parts and config.parts.decoder.config.get("tie_word_embeddings"))
     rename = (
         (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.+)", r"encoder.layers.\1.self_attn.o_proj.\2"),
         (r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)", r"encoder.layers.\1.\2"),
@@ -83,18 +81,20 @@ def key_map(tied: bool) -> KeyMap:
         (r"model\.text_model\.(.+)", r"decoder.\1"),
     )
     if tied:
-        return KeyMap(rename=rename, unused=(r"lm_head\.weight",))
+        return KeyMap(rename=rename, copies=((r"lm_head\.weight", "decoder.embed_tokens.weight"),))
     return KeyMap(rename=(*rename, (r"lm_head\.weight", "decoder.lm_head.weight")))
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def vlm_config(folder: Path, hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig:
-    """The `VLMConfig` of a SmolVLM folder: its ``config.json``, ``preprocessor_config.json`` (image
-    splitting) and ``processor_config.json`` (``image_seq_len``), checked against each other."""
+def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
+    """The `VLMConfig` of a SmolVLM checkpoint: its ``config.json``, ``preprocessor_config.json`` (image
+    splitting), ``processor_config.json`` (``image_seq_len``) and ``generation_config.json`` (stop ids),
+    checked against each other."""
+    hf, name = source.config_json(), source.name
     vision, text = vision_config(hf), text_config(hf)
-    pre = _read_json(folder / "preprocessor_config.json")
+    pre = source.json("preprocessor_config.json")
     tile = (pre.get("max_image_size") or {}).get("longest_edge", vision.image_size)
     problems = []
     if tile != vision.image_size:
@@ -110,14 +110,14 @@ def vlm_config(folder: Path, hf: dict[str, Any], name: str, tokenizer: Tokenizer
     grid = vision.image_size // vision.patch_size
     if grid % scale:
         problems.append(f"scale_factor {scale} does not divide the {grid}x{grid} patch grid")
-    seq_len = _read_json(folder / "processor_config.json").get("image_seq_len", (grid // scale) ** 2)
+    seq_len = source.json("processor_config.json").get("image_seq_len", (grid // scale) ** 2)
     if seq_len != (grid // scale) ** 2:
         problems.append(f"image_seq_len {seq_len} but the connector gives {(grid // scale) ** 2} features per tile")
     if tokenizer.token_to_id(IMAGE_TOKEN) != hf.get("image_token_id"):
         problems.append(f"image_token_id {hf.get('image_token_id')} is not the tokenizer's {IMAGE_TOKEN!r}")
     if problems:
-        raise ConfigError(f"{folder}: unsupported SmolVLM settings: {'; '.join(problems)}")
-    stops = _read_json(folder / "generation_config.json").get("eos_token_id")
+        raise ConfigError(f"{name}: unsupported SmolVLM settings: {'; '.join(problems)}")
+    stops = source.json("generation_config.json").get("eos_token_id")
     if stops is not None:  # transformers' generate stops on generation_config.json's ids (<end_of_utterance>)
         text = text.replace(eos_token_ids=[stops] if isinstance(stops, int) else list(stops))
     resize = pre.get("size", {}).get("longest_edge", 4 * tile) if pre.get("do_resize", True) else None
@@ -133,7 +133,7 @@ def vlm_config(folder: Path, hf: dict[str, Any], name: str, tokenizer: Tokenizer
     projector = PixelShuffleConfig(head="linear", bias=False, factor=scale, in_dim=vision.hidden_size, out_dim=text.hidden_size)
     marker_ids = [tokenizer.token_to_id(token) for token in tokens.marker_tokens()]
     if None in marker_ids:
-        raise ConfigError(f"{folder}: the tokenizer lacks SmolVLM's image tokens {tokens.marker_tokens()}")
+        raise ConfigError(f"{name}: the tokenizer lacks SmolVLM's image tokens {tokens.marker_tokens()}")
     parts = BuiltParts(
         encoder=PartRecord(family_name="siglip", config=vision.model_dump(mode="json")),
         decoder=PartRecord(family_name="llama", config=text.model_dump(mode="json")),
@@ -151,27 +151,12 @@ def vlm_config(folder: Path, hf: dict[str, Any], name: str, tokenizer: Tokenizer
     )
 
 
-def load(
-    folder: Path, hf: dict[str, Any], *, name: str, dtype: torch.dtype | None, device: torch.device | str | None
-) -> VLM:
-    """A SmolVLM folder in its Hub layout -> a tinyvlm `VLM` (built on meta, loaded strictly)."""
-    tokenizer = Tokenizer.from_folder(folder)
+def read(source: Source) -> tuple[VLMConfig, Tokenizer]:
+    """A SmolVLM checkpoint in its Hub layout: config, processor settings and tokenizer (with SmolVLM's chat
+    format for string contents)."""
+    tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = vlm_config(folder, hf, name, tokenizer)
-    with torch.device("meta"):
-        vlm = VLM.from_config(config)
-    tied = config.parts.decoder.config["tie_word_embeddings"]  # type: ignore[union-attr]
-    load_checkpoint(vlm, safetensors_files(folder), key_map(tied), dtype=dtype, device=device)
-    vlm.tokenizer = tokenizer
-    return vlm.eval()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _family_key_map(config: VLMConfig) -> KeyMap:
-    return key_map(bool(config.parts and config.parts.decoder.config.get("tie_word_embeddings")))
+    return vlm_config(source, tokenizer), tokenizer
 
 
 register_family(
@@ -180,8 +165,9 @@ register_family(
         kind="vlm",
         config_cls=VLMConfig,
         build=VLM.from_config,
-        key_map=_family_key_map,
+        key_map=key_map,
         hf_model_types=MODEL_TYPES,
+        read=read,
     )
 )
 
@@ -198,7 +184,7 @@ def _zoo_config(repo: str, hidden: int, layers: int, heads: int, kv_heads: int, 
                           image_size=512, patch_size=16)  # fmt: skip
     text = LlamaConfig(
         vocab_size=49280, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=hidden // heads, rms_norm_eps=1e-5, hidden_act="silu",
+        num_kv_heads=kv_heads, rms_norm_eps=1e-5, hidden_act="silu",
         tie_word_embeddings=False, max_position_embeddings=8192, rope=RopeConfig(theta=100000.0),
         bos_token_id=1, eos_token_ids=[49279], pad_token_id=2,
     )  # fmt: skip

@@ -30,8 +30,9 @@ from PIL import Image
 from torch import Tensor
 
 from tinyvlm.image import HALF, ImageTransform, to_rgb
+from tinyvlm.vlm.config import SMOLVLM_WRAP_TOKEN
 
-FAKE_TOKEN = "<fake_token_around_image>"
+FAKE_TOKEN = SMOLVLM_WRAP_TOKEN
 IMAGE_TOKEN = "<image>"
 GLOBAL_TOKEN = "<global-img>"
 END_OF_UTTERANCE = "<end_of_utterance>"

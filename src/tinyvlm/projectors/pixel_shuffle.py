@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from tinyvlm.config import Config
+from tinyvlm.config import Config, check_activation
 from tinyvlm.errors import ConfigError
-from tinyvlm.layers import ACTIVATIONS, MLP
+from tinyvlm.layers import MLP
 from tinyvlm.registry import Family, register_family, register_model
 
 #: Factors tried by the default rule, largest first.
@@ -99,6 +99,11 @@ class PixelShuffleConfig(Config):
     act: str = "gelu"
     order: Literal["nanovlm"] = "nanovlm"
 
+    @field_validator("act")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        return check_activation(value)
+
     def resolved(self) -> "PixelShuffleConfig":
         """This config checked as complete enough to build a module."""
         missing = [name for name in ("in_dim", "out_dim") if getattr(self, name) is None]
@@ -109,8 +114,6 @@ class PixelShuffleConfig(Config):
                 "pixel-shuffle factor is None ('choose from the encoder grid'), which only build_vlm can resolve; "
                 "to build the projector alone pass factor=N, e.g. build_projector(name, in_dim=..., out_dim=..., factor=2)"
             )
-        if self.act not in ACTIVATIONS:
-            raise ConfigError(f"unsupported activation {self.act!r}; supported: {', '.join(ACTIVATIONS)}")
         return self
 
 

@@ -1,0 +1,34 @@
+"""Training, in layers:
+
+* `tinyvlm.training.config`: `TrainConfig`, every option validated (torch-free; the CLI's flags);
+* `tinyvlm.training.loop`: `train` / `run`, the optimizer loop and held-out evaluation;
+* `tinyvlm.training.checkpoints`: atomic checkpoints and exact resume;
+* `tinyvlm.training.distributed`: the ``torchrun`` process group;
+* `tinyvlm.training.progress`: the progress line and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "train": "tinyvlm.training.loop",
+    "run": "tinyvlm.training.loop",
+    "TrainResult": "tinyvlm.training.loop",
+    "TrainConfig": "tinyvlm.training.config",
+    "make_config": "tinyvlm.training.config",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tinyvlm.training' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from tinyvlm.training.config import TrainConfig, make_config
+    from tinyvlm.training.loop import TrainResult, run, train

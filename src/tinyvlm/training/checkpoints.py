@@ -1,0 +1,105 @@
+"""Training checkpoints: ``checkpoints/step-NNNNNNNN`` folders with the model, the optimizer state, the RNG
+states and the step, written to a temporary folder and renamed into place (an interrupted save leaves the
+previous checkpoint intact)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
+
+from tinyvlm.errors import ConfigError
+from tinyvlm.training.config import RESUMABLE_CHANGES, TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dirs(output: Path) -> list[Path]:
+    """Complete checkpoints under ``output``, oldest first (temporary folders of interrupted saves ignored)."""
+    folder = output / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    state = optimizer.state_dict()
+    tensors = {f"optimizer.{index}.{key}": value for index, entry in state["state"].items()
+               for key, value in entry.items()}
+    groups = [{k: v for k, v in group.items() if k != "params"} | {"params": group["params"]}
+              for group in state["param_groups"]]
+    return tensors, groups
+
+
+def save_checkpoint(
+    output: Path, step: int, vlm: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, keep: int
+) -> Path:
+    """Write ``checkpoints/step-NNNNNNNN`` atomically (temporary folder, then rename); keep the last ``keep``."""
+    folder = output / CHECKPOINTS
+    final = folder / f"step-{step:08d}"
+    temporary = folder / f".step-{step:08d}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_model(vlm, str(temporary / "model.safetensors"))
+    tensors, groups = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary / "optimizer.safetensors"))
+    state = {"step": step, "param_groups": groups, "python_rng": _jsonable(random.getstate()),
+             "config": config.model_dump(mode="json")}
+    (temporary / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for old in checkpoint_dirs(output)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def check_resumable(folder: Path, config: TrainConfig) -> None:
+    """Refuse to resume with options that change the trajectory (everything but `RESUMABLE_CHANGES`)."""
+    saved = json.loads((folder / "state.json").read_text())["config"]
+    current = config.model_dump(mode="json")
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume {folder}: options changed since it was written ({diffs}). Resume with the same "
+            "options, or start a new run in another output folder."
+        )
+
+
+def load_checkpoint(folder: Path, vlm: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore what `save_checkpoint` wrote; returns the step to continue from."""
+    state = json.loads((folder / "state.json").read_text())
+    load_model(vlm, str(folder / "model.safetensors"), strict=True)
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tupled(state["python_rng"]))
+    return int(state["step"])

@@ -1,0 +1,152 @@
+"""Every option of `tinyvlm.train` / ``tinyvlm train``, validated before anything is built. Torch-free.
+
+The field descriptions are the command line's help texts and the field names its flags (``max_steps`` is
+``--max-steps``): `tinyvlm.cli` builds the ``train`` parser from this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tinyvlm.errors import ConfigError
+
+PARTS = ("encoder", "projector", "decoder")
+#: Fields that may change when resuming without changing the trajectory.
+RESUMABLE_CHANGES = {"resume", "workers", "progress", "device", "log_every"}
+
+
+class TrainConfig(BaseModel):
+    """The options of a training run. None means "the model's training default" (`TrainingDefaults`:
+    nanoVLM's unless a recipe says otherwise) where a description says so."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    data: Path = Field(description="training data, JSONL (image paths relative to the file)")
+    output: Path = Field(description="folder for metrics.jsonl, checkpoints/ and the final model/")
+    model: str | None = Field(None, description="a VLM instead of the parts: a recipe (e.g. test-vlm), a saved "
+                              "VLM folder or a trained VLM")
+    encoder: str | None = Field(None, description="vision encoder name (with --decoder)")
+    decoder: str | None = Field(None, description="language decoder name (with --encoder)")
+    projector: str | None = Field(None, description="projector name, with encoder + decoder (default pixel-shuffle-mlp)")
+    pretrained: bool = Field(True, description="load the parts' pretrained weights (recipes and pairs only)")
+    train: str = Field("projector", description="parts to train: projector, all, or a list like projector,decoder")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: one pass over the data)")
+    batch_size: int | None = Field(None, ge=1, description="samples per micro-batch and process (default: the "
+                                   "model's, nanoVLM's 2)")
+    grad_accum: int | None = Field(None, ge=1, description="micro-batches per optimizer step (default: the model's, "
+                                   "nanoVLM's 8)")
+    lr: float | None = Field(None, gt=0, description="learning rate of every trained part (default: the model's, "
+                             "nanoVLM's 5.12e-3 projector, 5e-5 encoder and decoder)")
+    lr_encoder: float | None = Field(None, gt=0, description="encoder learning rate (overrides lr)")
+    lr_projector: float | None = Field(None, gt=0, description="projector learning rate (overrides lr)")
+    lr_decoder: float | None = Field(None, gt=0, description="decoder learning rate (overrides lr)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of matrices (not of norms and biases)")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warm-up steps, then cosine (default: 5% of the steps)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of the peak")
+    grad_clip: float | None = Field(None, ge=0, description="clip the gradient norm, 0 for no clipping (default: "
+                                    "the model's, 1.0)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    pack: bool = Field(False, description="pack several samples per row of max_length tokens")
+    max_length: int | None = Field(None, ge=1, description="longest sample / packed row in tokens (default: the "
+                                   "model's, 4096, or the decoder's context if shorter)")
+    val_data: Path | None = Field(None, description="held-out JSONL (default: hold out val_fraction of data)")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of data held out when val_data is not given")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: after the last step only)")
+    eval_samples: int = Field(256, ge=0, description="held-out records answered for exact-match accuracy")
+    max_new_tokens: int = Field(32, ge=1, description="answer length limit when evaluating")
+    checkpoint_every: int = Field(500, ge=0, description="checkpoint every N steps, 0 for never")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
+    log_every: int = Field(10, ge=1, description="log metrics every N steps")
+    seed: int = Field(0, description="seed of initialisation, data order and split")
+    resume: bool = Field(False, description="continue the run in output from its last checkpoint")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1... (default: cuda if available; under torchrun "
+                               "cuda:LOCAL_RANK)")
+    workers: int = Field(0, ge=0, description="data-loading worker processes")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.model is not None and (self.encoder is not None or self.decoder is not None):
+            raise ValueError("give either model (a VLM recipe or folder) or encoder + decoder, not both")
+        if self.model is None and (self.encoder is None or self.decoder is None):
+            raise ValueError("give model (a VLM recipe or folder), or both encoder and decoder")
+        if self.model is not None and self.projector is not None:
+            raise ValueError("projector goes with encoder + decoder; a model (recipe or folder) has its own")
+        if self.val_data is not None and "val_fraction" in self.model_fields_set:
+            raise ValueError("give val_data or val_fraction, not both")
+        parse_parts(self.train)
+        return self
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return parse_parts(self.train)
+
+    def resolved(self, defaults: Any, context_length: int) -> "Settings":
+        """The options left at None filled in from the model's training defaults (`TrainingDefaults`)."""
+        lrs = {}
+        for part in self.parts:
+            own = getattr(self, f"lr_{part}")
+            lrs[part] = own if own is not None else self.lr if self.lr is not None else getattr(defaults, f"lr_{part}")
+            if lrs[part] == 0:
+                raise ConfigError(
+                    f"the model's default learning rate for the {part} is 0 (frozen): give lr_{part} "
+                    f"(--lr-{part}) or leave the {part} out of train"
+                )
+        return Settings(
+            batch_size=self.batch_size or defaults.batch_size,
+            grad_accum=self.grad_accum or defaults.gradient_accumulation_steps,
+            grad_clip=defaults.max_grad_norm if self.grad_clip is None else self.grad_clip,
+            max_length=self.max_length or min(defaults.max_length, context_length),
+            lrs=lrs,
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The options that default to the model's training defaults, resolved."""
+
+    batch_size: int
+    grad_accum: int
+    grad_clip: float
+    max_length: int
+    lrs: dict[str, float]
+
+
+def parse_parts(spec: str) -> tuple[str, ...]:
+    """``'all'`` / ``'projector'`` / ``'projector,decoder'`` -> the trained parts, in model order."""
+    names = {name.strip() for name in spec.split(",") if name.strip()}
+    if names == {"all"}:
+        return PARTS
+    unknown = names - set(PARTS)
+    if unknown or not names:
+        raise ValueError(f"train={spec!r}: expected 'all' or a comma list of {', '.join(PARTS)}")
+    return tuple(part for part in PARTS if part in names)
+
+
+def make_config(**options: Any) -> TrainConfig:
+    """Validate ``options`` into a `TrainConfig`, with one readable `ConfigError` naming each bad option."""
+    try:
+        return TrainConfig(**options)
+    except ValidationError as error:
+        raise ConfigError("invalid training options: " + "; ".join(describe_errors(error))) from None
+
+
+def describe_errors(error: ValidationError, name: Any = str) -> list[str]:
+    """One line per problem; ``name(field)`` writes a field the way the caller's user knows it (the CLI passes
+    a function giving ``--max-steps``)."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown option {name(field)} (valid: {', '.join(name(f) for f in TrainConfig.model_fields)})")
+        elif field:
+            problems.append(f"{name(field)}: {message}")
+        else:
+            problems.append(message)
+    return problems

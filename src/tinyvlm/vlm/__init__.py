@@ -1,0 +1,38 @@
+"""The mix-and-match VLM, in layers:
+
+* `tinyvlm.vlm.config`: `VLMConfig` and its records (torch-free);
+* `tinyvlm.vlm.model`: the `VLM` module (forward, generation) and how parts are fitted together;
+* `tinyvlm.vlm.building`: `build_vlm`, `load_vlm`, `open_vlm` (names -> VLMs);
+* `tinyvlm.vlm.files`: atomic saving, ``push_to_hub``, the model card;
+* `tinyvlm.vlm.recipes`: tinyvlm's own layout family and the recipe zoo entries.
+
+Importing this package imports none of them; the names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "VLM": "tinyvlm.vlm.model",
+    "VLMOutput": "tinyvlm.vlm.model",
+    "VLMConfig": "tinyvlm.vlm.config",
+    "build_vlm": "tinyvlm.vlm.building",
+    "load_vlm": "tinyvlm.vlm.building",
+    "open_vlm": "tinyvlm.vlm.building",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tinyvlm.vlm' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from tinyvlm.vlm.building import build_vlm, load_vlm, open_vlm
+    from tinyvlm.vlm.config import VLMConfig
+    from tinyvlm.vlm.model import VLM, VLMOutput

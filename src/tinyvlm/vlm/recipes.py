@@ -1,0 +1,74 @@
+"""tinyvlm's own VLM family: the layout `VLM.save_pretrained` writes, and the recipes of the zoo.
+
+A recipe is a `VLMConfig` without parts (an encoder, a decoder, a projector and their options); a folder
+saved by tinyvlm has ``model_type: tinyvlm`` and the parts it was built from, and its tensors carry the
+module's own names.
+"""
+
+from __future__ import annotations
+
+from tinyvlm.registry import Family, register_family, register_model
+from tinyvlm.vlm.building import read_tinyvlm
+from tinyvlm.vlm.config import MODEL_TYPE, ImageTokenConfig, VLMConfig
+from tinyvlm.vlm.model import VLM
+from tinyvlm.weights import KeyMap
+
+
+def key_map(config: VLMConfig) -> KeyMap:
+    """The saved tensors have the module's names."""
+    return KeyMap(rename=((r"(.+)", r"\1"),))
+
+
+register_family(
+    Family(
+        name="vlm",
+        kind="vlm",
+        config_cls=VLMConfig,
+        build=VLM.from_config,
+        key_map=key_map,
+        hf_model_types=(MODEL_TYPE,),
+        read=read_tinyvlm,
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------- zoo
+
+register_model(
+    "nanovlm-222m",
+    family="vlm",
+    config=VLMConfig(
+        encoder="siglip-b16-224", decoder="smollm2-135m", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2}
+    ),
+    license="apache-2.0",
+    description="nanoVLM-222M recipe: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle 2 + Linear (49 tokens)",
+)
+register_model(
+    "nanovlm-460m",
+    family="vlm",
+    config=VLMConfig(
+        encoder="siglip2-b16-512",
+        decoder="smollm2-360m-instruct",
+        projector="pixel-shuffle-linear",
+        projector_kwargs={"factor": 4},
+        image_tokens=ImageTokenConfig(split_images=True, max_grid=4),
+    ),
+    license="apache-2.0",
+    description="nanoVLM-460M recipe: SigLIP2-B/16-512 + SmolLM2-360M-Instruct, shuffle 4 + Linear, 4x4 tiles",
+)
+register_model(
+    "dinov3-gemma3-270m",
+    family="vlm",
+    config=VLMConfig(
+        encoder="dinov3-vits16plus", decoder="gemma-3-270m-it", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2}
+    ),
+    license="dinov3-license + gemma",
+    description="DINOv3 ViT-S/16+ + Gemma-3-270M-it, pixel shuffle 2 + Linear (the nanoVLM fork's preset; both parts gated)",
+)
+register_model(
+    "test-vlm",
+    family="vlm",
+    config=VLMConfig(encoder="test-siglip", decoder="test-llama", projector_kwargs={"factor": 2}),
+    license="apache-2.0",
+    description="tiny random-init VLM (test-siglip + test-llama, shuffle 2 + MLP) for tests and demos",
+)
