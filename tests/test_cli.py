@@ -185,3 +185,62 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "tinyvlm")
     result = subprocess.run([script, "list-models", "test-*", "--kind", "encoder"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("KEY")
+
+
+# ------------------------------------------------------------------------------------------- train flags
+
+
+def test_train_flags_are_the_config_fields_with_their_help():
+    from tinyvlm.cli import build_parser, flag
+    from tinyvlm.training.config import TrainConfig
+
+    train = build_parser(command="train")._subparsers._group_actions[0].choices["train"]
+    options = {action.dest: action for action in train._actions}
+    assert set(TrainConfig.model_fields) <= set(options)
+    for name, field in TrainConfig.model_fields.items():
+        action = options[name]
+        expected = flag(name) if field.annotation is not bool or field.default is False else "--no-" + name.replace("_", "-")
+        assert action.option_strings == [expected], name
+        assert field.description and field.description.replace("%", "%%") in action.help, name
+    assert options["precision"].choices == ["auto", "fp32", "bf16"]
+
+
+def test_train_errors_name_the_flag_in_plain_words():
+    result = _cli("train", "--data", "d.jsonl", "--output", "out", "--model", "test-vlm", "--max-steps", "0")
+    _assert_one_line_error(result, "--max-steps 0: must be >= 1")
+    assert "Input should be" not in result.stderr
+    _assert_one_line_error(_cli("train", "--output", "out", "--model", "test-vlm"), "--data is required")
+
+
+def test_unknown_train_flag_prints_the_train_usage():
+    result = _cli("train", "--data", "d.jsonl", "--bogus", "1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: tinyvlm train") and "unrecognized arguments: --bogus 1" in result.stderr
+    assert "--max-steps" in result.stderr  # the subcommand's usage, not the top level's
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_train_config_file_with_flags_overriding_it(tmp_path, suffix, monkeypatch):
+    from tinyvlm import cli
+
+    seen = {}
+    monkeypatch.setattr("tinyvlm.training.loop.run", lambda config: seen.setdefault("config", config))
+    text = (
+        '{"data": "d.jsonl", "output": "out", "model": "test-vlm", "max-steps": 7, "lr": 0.5}' if suffix == ".json"
+        else 'data = "d.jsonl"\noutput = "out"\nmodel = "test-vlm"\nmax_steps = 7\nlr = 0.5\n'
+    )
+    (tmp_path / f"run{suffix}").write_text(text)
+    assert cli.main(["train", "--config", str(tmp_path / f"run{suffix}"), "--lr", "0.25"]) == 0
+    config = seen["config"]
+    assert (config.max_steps, config.lr, config.model, str(config.data)) == (7, 0.25, "test-vlm", "d.jsonl")
+
+
+def test_train_config_file_errors(tmp_path, capsys):
+    from tinyvlm import cli
+
+    (tmp_path / "bad.json").write_text('{"max_stepz": 3}')
+    assert cli.main(["train", "--config", str(tmp_path / "bad.json")]) == 1
+    assert "unknown option(s) max_stepz" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{")
+    assert cli.main(["train", "--config", str(tmp_path / "broken.json")]) == 1
+    assert "not valid JSON" in capsys.readouterr().err

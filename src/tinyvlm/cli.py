@@ -14,8 +14,11 @@ from tinyvlm.registry import KINDS, ModelSpec, list_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command=next((a for a in argv if not a.startswith("-")), None))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would print the top-level usage; the subcommand's is the useful one
+        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args) or 0
     except TinyVLMError as error:
@@ -29,7 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``tinyvlm`` parser. The flags of ``train`` come from its config's fields, which costs a pydantic
+    import: they are added only when ``command`` is ``train`` (``list-models`` stays fast)."""
     parser = argparse.ArgumentParser(prog="tinyvlm", description="Small vision-language models in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"tinyvlm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(commands)
 
-    add_train_parser(commands)
+    add_train_parser(commands, with_flags=command == "train")
     add_demo_parser(commands)
     return parser
 
@@ -213,71 +223,126 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ training
 
-#: ``tinyvlm train`` flags: (flag, type or action, help). Each maps to the `tinyvlm.train` option of the same
-#: name; a flag left out keeps that option's default (so the defaults live in one place, `TrainConfig`).
-_TRAIN_FLAGS: tuple[tuple[str, object, str], ...] = (
-    ("--model", str, "a VLM recipe (e.g. test-vlm) or saved VLM folder (local-dir:PATH) instead of the parts"),
-    ("--encoder", str, "vision encoder name"),
-    ("--decoder", str, "language decoder name"),
-    ("--projector", str, "projector name (default pixel-shuffle-mlp)"),
-    ("--data", str, "training data, JSONL (image paths relative to the file)"),
-    ("--output", str, "folder for metrics.jsonl, checkpoints/ and the final model/"),
-    ("--train", str, "parts to train: projector (default), all, or a list like projector,decoder"),
-    ("--max-steps", int, "optimizer steps (default: one pass over the data)"),
-    ("--batch-size", int, "samples per micro-batch and process (default: the model's, nanoVLM's 2)"),
-    ("--grad-accum", int, "micro-batches per optimizer step (default: the model's, nanoVLM's 8)"),
-    ("--lr", float, "learning rate of every trained part (default: the model's, nanoVLM's 5.12e-3 projector, "
-     "5e-5 encoder and decoder)"),
-    ("--lr-encoder", float, "encoder learning rate (overrides --lr)"),
-    ("--lr-projector", float, "projector learning rate (overrides --lr)"),
-    ("--lr-decoder", float, "decoder learning rate (overrides --lr)"),
-    ("--weight-decay", float, "AdamW weight decay of matrices (default 0.01)"),
-    ("--warmup-steps", int, "linear warm-up steps (default 5%% of the steps), then cosine"),
-    ("--min-lr-ratio", float, "final learning rate as a fraction of the peak (default 0.1)"),
-    ("--grad-clip", float, "clip the gradient norm, 0 for no clipping (default: the model's, 1.0)"),
-    ("--precision", str, "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16"),
-    ("--compile", "store_true", "torch.compile the model"),
-    ("--pack", "store_true", "pack several samples per row (needs --max-length)"),
-    ("--max-length", int, "longest sample / packed row in tokens (default: the model's, 4096, or the decoder's "
-     "context if shorter)"),
-    ("--val-data", str, "held-out JSONL (default: hold out --val-fraction of --data)"),
-    ("--val-fraction", float, "fraction of --data held out (default 0.05)"),
-    ("--eval-every", int, "evaluate every N steps (default: after the last step only)"),
-    ("--eval-samples", int, "held-out records answered for exact-match accuracy (default 256)"),
-    ("--max-new-tokens", int, "answer length limit when evaluating (default 32)"),
-    ("--checkpoint-every", int, "checkpoint every N steps, 0 for never (default 500)"),
-    ("--keep-checkpoints", int, "checkpoints kept (default 2)"),
-    ("--log-every", int, "log metrics every N steps (default 10)"),
-    ("--seed", int, "seed of initialisation, data order and split (default 0)"),
-    ("--resume", "store_true", "continue the run in --output from its last checkpoint"),
-    ("--device", str, "cpu, cuda, cuda:1... (default: cuda if available; torchrun: cuda:LOCAL_RANK)"),
-    ("--workers", int, "data-loading worker processes (default 0)"),
-)
-
-
-def add_train_parser(commands: argparse._SubParsersAction) -> None:
+def add_train_parser(commands: argparse._SubParsersAction, *, with_flags: bool) -> None:
     train = commands.add_parser(
         "train", help="fine-tune a VLM on JSONL conversations (also under torchrun)",
-        description="Fine-tune a VLM. Run under `torchrun --nproc-per-node N` for data parallelism.",
+        description="Fine-tune a VLM. Every option is a field of tinyvlm.train (TrainConfig); --config FILE reads "
+        "them from a JSON or TOML file (keys as the flags without dashes, or as the Python fields), and flags given "
+        "on the command line override the file. Run under `torchrun --nproc-per-node N` for data parallelism.",
     )
-    for flag, kind, help_text in _TRAIN_FLAGS:
-        if kind == "store_true":
-            train.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        else:
-            train.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
-    train.add_argument("--random-init", dest="pretrained", action="store_false", default=argparse.SUPPRESS,
-                       help="do not load pretrained weights (random initialisation)")
-    train.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                       help="no progress bar")
     train.set_defaults(handler=cmd_train)
+    if with_flags:
+        from tinyvlm.training.config import TrainConfig
+
+        train.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                           help="read options from a JSON or TOML file (flags override it)")
+        add_config_flags(train, TrainConfig)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tinyvlm.training.loop import train
+    from tinyvlm.training.config import TrainConfig
+    from tinyvlm.training.loop import run
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
-    train(**options)
+    options = read_config_file(args.config, TrainConfig) if "config" in args else {}
+    options.update(given_options(args, TrainConfig))
+    run(validated(TrainConfig, options))
     return 0
+
+
+# ------------------------------------------------------------------------------------- config fields -> flags
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field: ``max_steps`` -> ``--max-steps``."""
+    return "--" + field.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, model: type, *, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per field of the pydantic ``model`` (name, type, help and default from the field): a boolean
+    that defaults to False is ``--name``, one that defaults to True is ``--no-name``; a ``Literal`` gives the
+    choices. Flags left out keep the field's default (it lives in one place: the model)."""
+    import typing
+    from pathlib import Path
+
+    for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
+        description = (field.description or name.replace("_", " ")).replace("%", "%%")
+        default = field.default
+        kind = field.annotation
+        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+        if kind is bool:
+            if default is False:
+                parser.add_argument(flag(name), dest=name, action="store_true", default=argparse.SUPPRESS,
+                                    help=description)
+            else:
+                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                                    default=argparse.SUPPRESS, help=f"do not {description} (done by default)")
+            continue
+        shown = "" if default is None or field.is_required() else f" (default: {default})"
+        if typing.get_origin(kind) is typing.Literal:
+            choices = [str(choice) for choice in typing.get_args(kind)]
+            parser.add_argument(flag(name), dest=name, choices=choices, default=argparse.SUPPRESS,
+                                help=description + shown)
+            continue
+        convert = {int: int, float: float, str: str, Path: str}.get(kind)
+        if convert is None:
+            raise TypeError(f"{model.__name__}.{name}: no command-line form for {field.annotation}")
+        metavar = {int: "N", float: "X"}.get(kind, name.upper())
+        parser.add_argument(flag(name), dest=name, type=convert, metavar=metavar, default=argparse.SUPPRESS,
+                            help=description + shown + (" (required, here or in --config)" if field.is_required() else ""))
+
+
+def given_options(args: argparse.Namespace, model: type) -> dict[str, object]:
+    """The fields of ``model`` given on the command line (flags not given are absent from ``args``)."""
+    return {name: getattr(args, name) for name in model.model_fields if name in args}
+
+
+def read_config_file(path: str, model: type) -> dict[str, object]:
+    """Options from a JSON or TOML file: keys are fields (``max_steps``) or flags without dashes
+    (``max-steps``); an unknown key is a `ConfigError` naming the valid ones."""
+    from pathlib import Path
+
+    from tinyvlm.errors import ConfigError
+
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise ConfigError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except ImportError:
+        raise ConfigError(f"--config {path}: TOML needs Python 3.11+; write the options as JSON") from None
+    except ValueError as error:
+        raise ConfigError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected an object of options, got {type(values).__name__}")
+    options = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(options) - set(model.model_fields))
+    if unknown:
+        valid = ", ".join(f.replace("_", "-") for f in model.model_fields)
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
+    return options
+
+
+def validated(model: type, options: dict[str, object]):
+    """``model(**options)``; pydantic's errors become one `ConfigError` that names the flags."""
+    from pydantic import ValidationError
+
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.training.config import describe_errors
+
+    try:
+        return model(**options)
+    except ValidationError as error:
+        raise ConfigError("; ".join(describe_errors(error, flag))) from None
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:

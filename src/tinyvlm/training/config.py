@@ -137,16 +137,35 @@ def make_config(**options: Any) -> TrainConfig:
 
 
 def describe_errors(error: ValidationError, name: Any = str) -> list[str]:
-    """One line per problem; ``name(field)`` writes a field the way the caller's user knows it (the CLI passes
-    a function giving ``--max-steps``)."""
+    """One line per problem, in plain words; ``name(field)`` writes a field the way the caller's user knows it
+    (the CLI passes a function giving ``--max-steps``)."""
     problems = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown option {name(field)} (valid: {', '.join(name(f) for f in TrainConfig.model_fields)})")
+        elif item["type"] == "missing":
+            problems.append(f"{name(field)} is required")
         elif field:
-            problems.append(f"{name(field)}: {message}")
+            problems.append(f"{name(field)} {item.get('input')!r}: {_plain(item)}")
         else:
-            problems.append(message)
+            problems.append(_plain(item))
     return problems
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _plain(item: Any) -> str:
+    """pydantic's message for one problem, in the words of a command line."""
+    ctx = item.get("ctx") or {}
+    if item["type"] in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[item['type']]} {bound}"
+    if item["type"] in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if item["type"] in ("float_parsing", "float_type"):
+        return "must be a number"
+    if item["type"] == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    return item["msg"].removeprefix("Value error, ")
