@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 
@@ -41,6 +42,8 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         #: When set, every request is answered with this HTTP status (a Hub outage).
         self.fail_with: int | None = None
+        #: Called with ``(method, path)`` after each model request is answered (e.g. to move a branch mid-load).
+        self.after_request: Callable[[str, str], None] | None = None
         self._lock = threading.Lock()
         hub = self
 
@@ -114,6 +117,13 @@ class FakeHub:
             return _reply(request, 200, b'{"standardEnvVars": [], "harnesses": {}}', body=body)
         with self._lock:
             self.requests.append((request.command, path))
+        try:
+            self._answer(request, path, body=body)
+        finally:
+            if self.after_request is not None:
+                self.after_request(request.command, path)
+
+    def _answer(self, request: BaseHTTPRequestHandler, path: str, *, body: bool) -> None:
         if self.fail_with is not None:
             return _reply(request, self.fail_with, b"outage", body=body)
         parts = path.strip("/").split("/")

@@ -111,6 +111,47 @@ def test_info_hf_hub_fetches_only_the_config(hub, tiny_zoo, tmp_path, capsys):
     assert {path.rsplit("/", 1)[1] for _, path in hub.requests} <= {"config.json", "preprocessor_config.json", "generation_config.json"}
 
 
+# ----------------------------------------------------------------- info on other projects' folders
+
+
+def _info(capsys, name: str) -> dict:
+    assert main(["info", name, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_on_a_smolvlm_folder_written_by_transformers(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pretrained"))
+    from twins import resave_processor_with_transformers, write_smolvlm_twin
+
+    reference = write_smolvlm_twin(tmp_path / "smolvlm")
+    resave_processor_with_transformers(tmp_path / "smolvlm")
+    info = _info(capsys, f"local-dir:{tmp_path / 'smolvlm'}")
+    assert (info["kind"], info["family"]) == ("vlm", "smolvlm")
+    assert info["params"] == sum(p.numel() for p in reference.parameters())
+    assert info["config"]["parts"]["image_token_id"] == reference.config.image_token_id
+    assert info["config"]["image_tokens"]["layout"] == "smolvlm"
+
+
+def test_info_on_a_nanovlm_folder(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pretrained"))
+    from twins import write_nanovlm_twin
+
+    reference = write_nanovlm_twin(tmp_path / "nanovlm")
+    info = _info(capsys, f"local-dir:{tmp_path / 'nanovlm'}")
+    assert (info["kind"], info["family"]) == ("vlm", "nanovlm")
+    assert info["params"] == sum(p.numel() for p in reference.parameters())  # tied head counted once
+    assert info["config"]["parts"]["decoder"]["family_name"] == "llama"
+
+
+def test_info_on_a_saved_folder_without_a_prefix(tmp_path, capsys, monkeypatch):
+    vlm = tinyvlm.build_vlm("test-siglip", "test-llama")
+    vlm.save_pretrained(tmp_path / "my-vlm")
+    monkeypatch.chdir(tmp_path)
+    info = _info(capsys, "my-vlm")
+    assert (info["kind"], info["family"], info["folder"]) == ("vlm", "vlm", "my-vlm")
+    assert info["params"] == sum(p.numel() for p in vlm.parameters())
+
+
 def test_download_zoo_key_then_listed_as_cached(hub, tiny_listing, tmp_path, capsys):
     write_checkpoint(tmp_path / "ckpt")
     hub.add_folder("tiny-org/ten", tmp_path / "ckpt", token="token")

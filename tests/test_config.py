@@ -69,3 +69,65 @@ def test_require():
     require({}, "hidden_act", "gelu", family="example")  # absent means the default
     with pytest.raises(ConfigError, match=r"example checkpoint has hidden_act='relu'; tinyvlm implements only hidden_act='gelu'"):
         require({"hidden_act": "relu"}, "hidden_act", "gelu", family="example")
+
+
+# ------------------------------------------------------------------ every config path validates (issue 10)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"hidden_size": -3}, r"hidden_size: Input should be greater than or equal to 1 \(got -3\)"),
+        ({"rms_norm_eps": -1.0}, r"rms_norm_eps: Input should be greater than 0"),
+        ({"hidden_act": "gelu_fast"}, r"unsupported activation 'gelu_fast'"),
+        ({"num_kv_heads": 3}, r"num_heads 4 is not a multiple of num_kv_heads 3"),
+        ({"eos_token_ids": [9999]}, r"eos_token_ids 9999 is outside the vocabulary of 512 tokens"),
+    ],
+)
+def test_decoder_overrides_are_validated(override, message):
+    import tinyvlm
+
+    with pytest.raises(ConfigError, match=message):
+        tinyvlm.build_decoder("test-llama", pretrained=False, **override)
+
+
+def test_configs_built_directly_raise_config_errors():
+    from tinyvlm.decoders.gemma3 import Gemma3Config
+    from tinyvlm.encoders.siglip import SiglipConfig
+    from tinyvlm.layers import RopeConfig
+
+    good = tinyvlm_spec_config("test-gemma3").model_dump()
+    with pytest.raises(ConfigError, match=r"4 layer_types for 3 layers"):
+        Gemma3Config(**{**good, "num_layers": 3})  # test-gemma3 has 4 layers
+    with pytest.raises(ConfigError, match=r"sliding_window"):
+        Gemma3Config(**{**good, "sliding_window": 0})
+    with pytest.raises(ConfigError, match=r"hidden_size 30 is not divisible by num_attention_heads"):
+        SiglipConfig(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ConfigError, match=r"theta: Input should be greater than 0"):
+        RopeConfig(theta=0)
+
+
+def test_head_dim_is_derived_once():
+    from tinyvlm.decoders.llama import LlamaConfig
+
+    base = tinyvlm_spec_config("test-llama").model_dump()
+    del base["head_dim"]
+    assert LlamaConfig(**base).head_dim == base["hidden_size"] // base["num_heads"]
+    with pytest.raises(ConfigError, match="not divisible by num_heads"):
+        LlamaConfig(**{**base, "hidden_size": 66})
+
+
+def test_config_json_missing_a_field_is_a_config_error(tmp_path):
+    import json
+
+    import tinyvlm
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ConfigError, match=r"config.json lacks 'num_attention_heads', which the llama family needs"):
+        tinyvlm.build_decoder(f"local-dir:{tmp_path}", pretrained=False)
+
+
+def tinyvlm_spec_config(key: str):
+    import tinyvlm
+
+    return tinyvlm.get_spec(key).config

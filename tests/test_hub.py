@@ -255,3 +255,69 @@ def test_unknown_zoo_key_is_not_a_hub_error(tiny_zoo):
     tiny_zoo("tiny-hub", hub_repo=REPO)
     with pytest.raises(UnknownModelError, match="tiny-hub"):
         build_encoder("tiny-hbu")
+
+
+# ---------------------------------------------------------------- offline without HF_HUB_OFFLINE: fail fast
+
+
+def _really_online_but_unreachable(monkeypatch):
+    """HF_HUB_OFFLINE unset, the endpoint refusing connections, and huggingface_hub's real retry waits (the
+    autouse fixture skips them; a slow failure must show here)."""
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(_http, "time", time)
+
+
+def test_unreachable_hub_fails_fast_and_names_hf_hub_offline(tiny_zoo, monkeypatch):
+    import time
+
+    _really_online_but_unreachable(monkeypatch)
+    tiny_zoo("tiny-hub", hub_repo=REPO)
+    began = time.perf_counter()
+    with pytest.raises(HubError, match=r"cannot be reached.*set HF_HUB_OFFLINE=1") as error:
+        build_encoder("tiny-hub")
+    assert time.perf_counter() - began < 5  # huggingface_hub alone retries for ~25 s
+    assert "tinyvlm download tiny-hub" in str(error.value)
+
+
+def test_unreachable_hub_still_reads_the_cache(hub, tmp_path, tiny_zoo, monkeypatch):
+    import time
+
+    from conftest import _point_at
+
+    _publish(hub, tmp_path)
+    tiny_zoo("tiny-hub", hub_repo=REPO)
+    build_encoder("tiny-hub")  # cached at main
+    _really_online_but_unreachable(monkeypatch)
+    _point_at(monkeypatch, "http://127.0.0.1:9")
+    began = time.perf_counter()
+    _assert_loaded(build_encoder("tiny-hub"))
+    assert time.perf_counter() - began < 5
+
+
+def test_cli_offline_without_the_variable_is_one_quick_line(tmp_path):
+    import time
+
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    began = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "tinyvlm.cli", "download", "hf-hub:tiny-org/tiny-model"],
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert time.perf_counter() - began < 15
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr and "Retrying" not in result.stderr
+
+
+def test_push_to_hub_offline_is_a_hub_error(tmp_path, monkeypatch):
+    import tinyvlm
+
+    vlm = tinyvlm.build_vlm("test-siglip", "test-llama")
+    with pytest.raises(HubError, match=r"cannot push to me/tiny: HF_HUB_OFFLINE=1 is set. Nothing was uploaded"):
+        vlm.push_to_hub("me/tiny")
+    _really_online_but_unreachable(monkeypatch)
+    with pytest.raises(HubError, match=r"cannot push to me/tiny: the Hub at http://127.0.0.1:9 cannot be reached"):
+        vlm.push_to_hub("me/tiny")

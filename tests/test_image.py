@@ -123,3 +123,16 @@ def test_bad_inputs():
         ImageTransform(size=224)
     with pytest.raises(ConfigError, match="bilinear or bicubic"):
         ImageTransform(size=(8, 8), resample=Image.Resampling.LANCZOS, backend="torch")
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (7, 0)])
+def test_an_empty_image_is_a_data_error(size):
+    import tinyvlm
+    from tinyvlm.errors import DataError
+
+    empty = Image.new("RGB", size)
+    with pytest.raises(DataError, match=rf"the image is empty \({size[0]}x{size[1]} pixels\)"):
+        tinyvlm.build_encoder("test-siglip").preprocess(empty)
+    vlm = tinyvlm.build_vlm("test-siglip", "test-llama")
+    with pytest.raises(DataError, match="the image is empty"):
+        vlm.generate("<image>What is it?", images=[empty], max_new_tokens=2)

@@ -54,3 +54,16 @@ def test_errors_are_one_line(tmp_path: Path, image_file: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--prompt", "Hi"])  # neither --model nor --encoder
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch without CUDA (the CPU build CI uses)")
+def test_cuda_device_on_a_cpu_torch_is_one_line(image_file: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tinyvlm.cli", "generate", "--model", "test-vlm", "--image", str(image_file),
+         "--prompt", "hi", "--device", "cuda"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "CPU-only build" in result.stderr and "--device cpu" in result.stderr

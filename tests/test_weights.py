@@ -202,3 +202,15 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(WeightsError, match=r"neither model.safetensors .* It has pytorch_model.bin. tinyvlm loads safetensors only"):
         resolve(f"local-dir:{tmp_path}").weight_files()
+
+
+def test_a_truncated_file_is_a_weights_error(tmp_path):
+    write_checkpoint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(WeightsError, match=r"model.safetensors is not a readable safetensors file .* truncated or corrupt"):
+        load_checkpoint(_meta_tiny(), [path], key_map(TinyConfig()))
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeightsError, match="not a readable safetensors file"):
+        load_checkpoint(_meta_tiny(), [path], key_map(TinyConfig()))

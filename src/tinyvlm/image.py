@@ -45,6 +45,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
             f"expected a PIL.Image.Image, got {type(image).__module__}.{type(image).__name__}; "
             "open files with PIL.Image.open(path) and arrays with PIL.Image.fromarray(array)"
         )
+    if image.width < 1 or image.height < 1:
+        raise DataError(f"the image is empty ({image.width}x{image.height} pixels); pass an image with pixels")
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or image.info.get("transparency") is not None:

@@ -203,26 +203,35 @@ class LanguageModelBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class RotaryEmbedding(nn.Module):
+    """nanoVLM's ``RotaryEmbedding``: ``inv_freq`` is registered with ``register_buffer`` (persistent, the
+    default), so ``save_model`` writes it to the file as ``decoder.rotary_embd.inv_freq``."""
+
+    def __init__(self, cfg: NanoConfig) -> None:
+        super().__init__()
+        head_dim = cfg.lm_hidden_dim // cfg.lm_n_heads
+        inv_freq = 1.0 / (cfg.lm_re_base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, T: int) -> tuple[Tensor, Tensor]:
+        freqs = torch.arange(T).float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[None]
+        return torch.cos(emb), torch.sin(emb)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, cfg: NanoConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.lm_hidden_dim // cfg.lm_n_heads
-        self.base = cfg.lm_re_base
         self.token_embedding = nn.Embedding(cfg.lm_vocab_size, cfg.lm_hidden_dim)
+        self.rotary_embd = RotaryEmbedding(cfg)
         self.blocks = nn.ModuleList(LanguageModelBlock(cfg) for _ in range(cfg.lm_n_blocks))
         self.norm = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
         self.head = nn.Linear(cfg.lm_hidden_dim, cfg.lm_vocab_size, bias=False)
         if cfg.lm_tie_weights:
             self.head.weight = self.token_embedding.weight
 
-    def rotary(self, T: int) -> tuple[Tensor, Tensor]:
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        freqs = torch.arange(T).float()[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[None]
-        return torch.cos(emb), torch.sin(emb)
-
     def forward(self, x: Tensor) -> Tensor:
-        cos, sin = self.rotary(x.shape[1])
+        cos, sin = self.rotary_embd(x.shape[1])
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.norm(x)

@@ -120,3 +120,64 @@ def test_mismatched_checkpoint_is_a_weights_error(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "lm_n_blocks": 3}))
     with pytest.raises(WeightsError, match="missing"):
         tinyvlm.load_vlm(f"local-dir:{folder}")
+
+
+# ------------------------------------------------------------------------ real layout facts (issue 10)
+
+
+def test_file_holds_the_persistent_rope_buffer_and_loads(twin) -> None:
+    """nanoVLM registers ``inv_freq`` as a persistent buffer, so ``save_model`` writes it; the loader declares it
+    unused (tinyvlm recomputes it from ``lm_re_base``) instead of refusing it as unexpected."""
+    from safetensors import safe_open
+
+    folder, reference, vlm, _ = twin
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        assert "decoder.rotary_embd.inv_freq" in handle.keys()
+        stored = handle.get_tensor("decoder.rotary_embd.inv_freq")
+    torch.testing.assert_close(vlm.decoder.rotary["default"].inv_freq, stored, rtol=0, atol=0)
+
+
+def _publish_with_hub_tokenizer(hub, tmp_path: Path, repo: str, tokenizer_repo: str) -> Path:
+    """A nanoVLM twin whose config.json names its tokenizer by Hub repo (as every published checkpoint does),
+    served by the loopback Hub: the checkpoint under ``repo``, the tokenizer files alone under ``tokenizer_repo``."""
+    folder = tmp_path / "nanovlm"
+    write_nanovlm_twin(folder, lm_tokenizer=tokenizer_repo)
+    hub.add_folder(tokenizer_repo, tmp_path / "nanovlm-tokenizer")  # tokenizer files only, no config.json
+    hub.add_folder(repo, folder)
+    return folder
+
+
+def test_tokenizer_named_by_hub_repo_is_fetched_from_the_hub(hub, tmp_path: Path, offline_switch) -> None:
+    folder = _publish_with_hub_tokenizer(hub, tmp_path, "someone/nano", "HuggingFaceTB/cosmo2-tokenizer")
+    local = tinyvlm.load_vlm(f"local-dir:{folder}")
+    from_hub = tinyvlm.load_vlm("hf-hub:someone/nano")
+    paths = {path for _, path in hub.requests}
+    assert any(path.startswith("/HuggingFaceTB/cosmo2-tokenizer/resolve/") for path in paths)
+    assert local.tokenizer.encode("a red square") == from_hub.tokenizer.encode("a red square")
+    batch = local.processor("Question: what? Answer:", [_image(20, 30, seed=0)])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            from_hub(batch["input_ids"], batch["pixel_values"]).logits,
+            local(batch["input_ids"], batch["pixel_values"]).logits, rtol=0, atol=0,
+        )
+    offline_switch()  # everything it needs is cached now
+    hub.requests.clear()
+    tinyvlm.load_vlm("hf-hub:someone/nano")
+    assert hub.requests == []
+
+
+def test_published_zoo_entry_loads_through_the_hub(hub, tmp_path: Path) -> None:
+    """``lusxvr-nanovlm-222m`` (v0.1 layout, tokenizer HuggingFaceTB/cosmo2-tokenizer), served as a tiny twin
+    under the real repo ids, loads by its zoo key and equals the same files loaded from disk."""
+    folder = _publish_with_hub_tokenizer(hub, tmp_path, "lusxvr/nanoVLM-222M", "HuggingFaceTB/cosmo2-tokenizer")
+    by_key = tinyvlm.load_vlm("lusxvr-nanovlm-222m")
+    local = tinyvlm.load_vlm(f"local-dir:{folder}")
+    image = _image(20, 30, seed=0)
+    prompt = "Question: What is it? Answer:"
+    assert by_key.generate(prompt, images=[image], max_new_tokens=4) == local.generate(prompt, images=[image], max_new_tokens=4)
+    batch = local.processor(prompt, [image])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            by_key(batch["input_ids"], batch["pixel_values"]).logits,
+            local(batch["input_ids"], batch["pixel_values"]).logits, rtol=0, atol=0,
+        )

@@ -157,3 +157,26 @@ def test_zoo_key_hf_hub_and_cli_generate_through_the_hub(hub, tmp_path: Path, ca
                  "--prompt", "<image>What is this?", "--max-new-tokens", "6"])  # fmt: skip
     assert code == 0
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_processor_files_written_by_transformers_5(tmp_path: Path) -> None:
+    """transformers 5 nests the image processor's settings in processor_config.json (no preprocessor_config.json)
+    and writes chat_template.jinja: the splitting settings still come from the checkpoint, and ids and logits
+    still equal transformers'."""
+    from twins import hf_processor, resave_processor_with_transformers
+
+    reference = write_smolvlm_twin(tmp_path, do_image_splitting=False)
+    processor = hf_processor(tmp_path)
+    resave_processor_with_transformers(tmp_path)
+    vlm = tinyvlm.load_vlm(f"local-dir:{tmp_path}")
+    assert not vlm.config.image_tokens.split_images  # read from processor_config.json's image_processor
+    image = _image(70, 40, seed=5)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    expected = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=[[image]],
+                         return_tensors="pt")
+    batch = vlm.processor([{"role": "user", "content": "<image>What is this?"}], [image])
+    assert batch["input_ids"].tolist() == expected["input_ids"].tolist()
+    with torch.no_grad():
+        ours = vlm(batch["input_ids"], batch["pixel_values"]).logits
+        theirs = reference(input_ids=expected["input_ids"], pixel_values=expected["pixel_values"]).logits
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5

@@ -203,11 +203,16 @@ def hf_processor(folder: Path):
     )
 
 
-def write_nanovlm_twin(folder: Path, *, image_token: str | None = None, tied: bool = True, seed: int = 0):
+def write_nanovlm_twin(
+    folder: Path, *, image_token: str | None = None, tied: bool = True, seed: int = 0, lm_tokenizer: str | None = None
+):
     """A tiny nanoVLM checkpoint in nanoVLM's own layout: ``config.json`` + ``model.safetensors`` written with
-    ``safetensors.torch.save_model`` as nanoVLM's ``save_pretrained`` does, and its ``lm_tokenizer`` in a
-    sibling folder (nanoVLM folders carry no tokenizer). ``image_token=None``: v0.1 (image before the text);
-    ``"<|image|>"``: the image-token version (one more vocabulary row). Returns the reference model."""
+    ``safetensors.torch.save_model`` as nanoVLM's ``save_pretrained`` does (persistent buffers included), and
+    its tokenizer files in a sibling folder ``<folder>-tokenizer`` (nanoVLM folders carry no tokenizer), which
+    ``lm_tokenizer`` names: that folder's path by default, or a Hub repo id that serves those files (every
+    published checkpoint names a repo, e.g. ``HuggingFaceTB/cosmo2-tokenizer``). ``image_token=None``: v0.1
+    (image before the text); ``"<|image|>"``: the image-token version (one more vocabulary row). Returns the
+    reference model."""
     from nanovlm_reference import NanoConfig, VisionLanguageModel, config_json
     from safetensors.torch import save_model
 
@@ -221,6 +226,26 @@ def write_nanovlm_twin(folder: Path, *, image_token: str | None = None, tied: bo
     model = VisionLanguageModel(cfg, image_token_id=None if image_token is None else base).eval()
     perturb(model, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config_json(cfg, str(tokenizer_folder), image_token), indent=4))
+    named = lm_tokenizer or str(tokenizer_folder)
+    (folder / "config.json").write_text(json.dumps(config_json(cfg, named, image_token), indent=4))
     save_model(model, str(folder / "model.safetensors"))
     return model
+
+
+def resave_processor_with_transformers(folder: Path) -> None:
+    """Replace a twin's processor files by what transformers 5's ``Idefics3Processor.save_pretrained`` writes:
+    ``processor_config.json`` with the image processor's settings nested under ``image_processor`` (no
+    ``preprocessor_config.json``), the template as ``chat_template.jinja`` (no ``chat_template.json``), and its
+    tokenizer files."""
+    import tempfile
+
+    processor = hf_processor(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        processor.save_pretrained(tmp)
+        for name in ("preprocessor_config.json", "chat_template.json", "processor_config.json"):
+            (folder / name).unlink(missing_ok=True)
+        for path in Path(tmp).iterdir():
+            if path.name not in ("tokenizer.json", "tokenizer_config.json"):  # keep the special-token settings
+                path.replace(folder / path.name)
+    assert not (folder / "preprocessor_config.json").exists()
+    assert "image_processor" in json.loads((folder / "processor_config.json").read_text())

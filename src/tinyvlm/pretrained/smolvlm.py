@@ -94,7 +94,10 @@ def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
     checked against each other."""
     hf, name = source.config_json(), source.name
     vision, text = vision_config(hf), text_config(hf)
-    pre = source.json("preprocessor_config.json")
+    processor = source.json("processor_config.json")
+    # The Hub repos ship preprocessor_config.json; transformers 5's processor.save_pretrained nests the image
+    # processor's settings in processor_config.json instead (and writes no preprocessor_config.json).
+    pre = source.json("preprocessor_config.json") or processor.get("image_processor") or {}
     tile = (pre.get("max_image_size") or {}).get("longest_edge", vision.image_size)
     problems = []
     if tile != vision.image_size:
@@ -110,7 +113,7 @@ def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
     grid = vision.image_size // vision.patch_size
     if grid % scale:
         problems.append(f"scale_factor {scale} does not divide the {grid}x{grid} patch grid")
-    seq_len = source.json("processor_config.json").get("image_seq_len", (grid // scale) ** 2)
+    seq_len = processor.get("image_seq_len", (grid // scale) ** 2)
     if seq_len != (grid // scale) ** 2:
         problems.append(f"image_seq_len {seq_len} but the connector gives {(grid // scale) ** 2} features per tile")
     if tokenizer.token_to_id(IMAGE_TOKEN) != hf.get("image_token_id"):
