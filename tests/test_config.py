@@ -105,6 +105,10 @@ def test_configs_built_directly_raise_config_errors():
         SiglipConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ConfigError, match=r"theta: Input should be greater than 0"):
         RopeConfig(theta=0)
+    from tinyvlm.decoders.llama import LlamaConfig
+
+    with pytest.raises(ConfigError, match=r"hidden_act: unsupported activation 'gelu_fast'"):
+        LlamaConfig(**{**tinyvlm_spec_config("test-llama").model_dump(), "hidden_act": "gelu_fast"})
 
 
 def test_head_dim_is_derived_once():
