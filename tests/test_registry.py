@@ -142,8 +142,10 @@ def test_spec_config_is_validated_copy(tiny_zoo):
         "import tinyvlm; tinyvlm.list_models(); tinyvlm.get_spec(tinyvlm.list_models()[0].key)",
         "from tinyvlm.cli import main; main(['list-models']); main(['list-models', '--json'])",
         "from tinyvlm.cli import main; import tinyvlm; main(['info', tinyvlm.list_models()[0].key])",
+        "import tinyvlm.vlm.config, tinyvlm.training.config, tinyvlm.sources; tinyvlm.sources.resolve('test-vlm')",
+        "from tinyvlm.cli import build_parser, _subparsers; _subparsers(build_parser(command='train'))['train'].format_help()",
     ],
-    ids=["import", "list-models", "info"],
+    ids=["import", "list-models", "info", "config-modules", "train-help"],
 )
 def test_listing_does_not_import_torch(code):
     check = f"import sys\n{code}\nassert 'torch' not in sys.modules, 'torch was imported'"
