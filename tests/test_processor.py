@@ -120,13 +120,44 @@ def test_left_padding_for_batches() -> None:
     assert batch["pixel_values"].shape == (1, 3, S, S)
 
 
-def test_base_decoders_get_plain_text() -> None:
-    p = make_processor(chat=False)
-    ids, _ = p.encode_prompt("Describe <image>", [image((1, 1, 1))])
+@pytest.mark.parametrize("chat", [False, True], ids=["base", "instruct"])
+@pytest.mark.parametrize("decoder", ["test-llama", "test-gemma3"])
+def test_a_string_prompt_is_the_user_turn_training_renders(decoder: str, chat: bool) -> None:
+    """Defect 11: a string is one user turn rendered by the training code path (base decoders: the
+    ``User: ...`` transcript, not the bare text), with the generation prompt."""
+    p = make_processor(decoder, chat=chat)
+    img = image((200, 0, 0))
+    question = "<image>\nWhat colour?"
+    ids = p(question, images=[img])["input_ids"][0].tolist()
+    example, labels = p.encode_example([{"role": "user", "content": question}, {"role": "assistant", "content": "red"}], [img])
+    answer_start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert ids == example[:answer_start]
+    assert ids == p(text=question, images=[img])["input_ids"][0].tolist()  # transformers' keyword names
+    assert ids == p([{"role": "user", "content": question}], [img])["input_ids"][0].tolist()
+    if not chat:
+        assert p.tokenizer.decode(ids, skip_special_tokens=True) == "User: \nWhat colour?\nAssistant:"
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["base", "instruct"])
+def test_raw_prompts_are_plain_text_to_continue(chat: bool) -> None:
+    p = make_processor("test-gemma3", chat=chat)  # Gemma's tokenizer adds a BOS
+    img = image((1, 1, 1))
     enc = lambda t: p.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
-    assert ids == p.tokenizer.encode("", add_special_tokens=True) + enc("Describe ") + [p.image_token_id] * PER_VIEW
+    bos = [p.tokenizer.bos_token_id]
+    ids = p("Describe <image> here", images=[img], raw=True)["input_ids"][0].tolist()
+    assert ids == bos + enc("Describe ") + [p.image_token_id] * PER_VIEW + enc(" here")
+    assert p("The sky is", raw=True)["input_ids"][0].tolist() == p.tokenizer.encode("The sky is")
+    placed = p("What colour?", images=[img], raw=True)["input_ids"][0].tolist()  # no placeholder: images first
+    assert placed == bos + [p.image_token_id] * PER_VIEW + enc("What colour?")
+    assert ids != p("Describe <image> here", images=[img])["input_ids"][0].tolist()
+    with pytest.raises(DataError, match="raw=True takes a string prompt"):
+        p([{"role": "user", "content": "Hi"}], raw=True)
+
+
+def test_plain_transcript_of_chat_messages() -> None:
+    p = make_processor(chat=False)
     chat_ids, _ = p.encode_prompt([{"role": "user", "content": "Hi"}])
-    assert p.tokenizer.decode(chat_ids) .endswith("User: Hi\nAssistant:")
+    assert p.tokenizer.decode(chat_ids).endswith("User: Hi\nAssistant:")
 
 
 @pytest.mark.parametrize("decoder, end", [("test-llama", "<|im_end|>\n"), ("test-gemma3", "<end_of_turn>\n")])

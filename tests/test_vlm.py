@@ -116,13 +116,122 @@ def test_batches_of_prompts_match_single_prompts() -> None:
     assert streamed == batched
 
 
-def test_stream_holds_back_partial_multibyte_characters() -> None:
+def spy_on_prompts(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The ``input_ids`` each VLM generation starts from, recorded as generation starts."""
+    import tinyvlm.vlm.model as model
+
+    prompts: list[torch.Tensor] = []
+    start = model.generate_tokens
+
+    def recorded(decoder, input_ids, sampling, **inputs):
+        prompts.append(input_ids.clone())
+        return start(decoder, input_ids, sampling, **inputs)
+
+    monkeypatch.setattr(model, "generate_tokens", recorded)
+    return prompts
+
+
+def count_steps(vlm: VLM, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each decoder pass (the prompt's, then one per new token)."""
+    calls: list[int] = []
+    hidden_states = vlm.decoder.hidden_states
+    monkeypatch.setattr(vlm.decoder, "hidden_states", lambda *a, **k: calls.append(1) or hidden_states(*a, **k))
+    return calls
+
+
+def test_stop_strings_end_the_answer_and_the_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     vlm = make_vlm()
-    tokenizer = vlm.tokenizer
-    ids = tokenizer.encode("é€", add_special_tokens=False)
-    shown = [""]
-    pieces = [vlm._new_text(ids[: k + 1], shown, 0, final=False) for k in range(len(ids))]
-    assert "".join(pieces) == "é€" and all("\ufffd" not in p for p in pieces)
+    images = [picture(3)]
+    free = vlm.generate("What is it?", images, max_new_tokens=30)
+    assert len(free) > 12
+    stop = free[8:11]
+    expected = free[: free.find(stop)]
+    calls = count_steps(vlm, monkeypatch)
+    assert vlm.generate("What is it?", images, max_new_tokens=30, stop=[stop, "\x00never"]) == expected
+    assert 0 < len(calls) < 30  # stopped as soon as the stop string appeared
+    assert "".join(vlm.stream("What is it?", images, max_new_tokens=30, stop=stop)) == expected
+    never = vlm.generate("What is it?", images, max_new_tokens=30, stop=[free[8:11] + "\x00"])  # starts, never completes
+    assert never == free
+
+
+def test_stop_strings_are_tracked_per_row() -> None:
+    vlm = make_vlm("test-dinov3", "test-gemma3")
+    prompts = ["Short?", [{"role": "user", "content": "A longer question about <image> here"}]]
+    images = [[], [picture(4)]]
+    free = vlm.generate(prompts, images, max_new_tokens=20)
+    stop = next(free[0][k : k + 3] for k in range(4, len(free[0]) - 3) if free[0][k : k + 3] not in free[1])
+    cut = vlm.generate(prompts, images, max_new_tokens=20, stop=[stop])
+    assert cut == [free[0][: free[0].find(stop)], free[1]]
+    streamed = ["", ""]
+    for pieces in vlm.stream(prompts, images, max_new_tokens=20, stop=[stop]):
+        streamed = [s + p for s, p in zip(streamed, pieces)]
+    assert streamed == cut
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone() -> None:
+    vlm = make_vlm()
+    options = dict(max_new_tokens=12, temperature=1.5, top_p=0.95)
+    torch.manual_seed(1)
+    first = vlm.generate("What is it?", [picture(3)], seed=7, **options)
+    state = torch.get_rng_state()
+    second = vlm.generate("What is it?", [picture(3)], seed=7, **options)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first == second
+    others = {vlm.generate("What is it?", [picture(3)], seed=seed, **options) for seed in range(8)}
+    assert len(others) > 1
+
+
+def test_repetition_penalty_reaches_the_decoder() -> None:
+    """The VLM's answer is the decoder's penalised greedy continuation of the prompt (image placeholders,
+    beyond the head's vocabulary, are not penalised: they cannot be generated)."""
+    vlm = make_vlm()
+    batch = vlm.processor("What is it?", [picture(3)])
+    assert int(batch["input_ids"].max()) >= vlm.decoder.vocab_size  # the image placeholder id
+    with torch.no_grad():
+        embeds = vlm.embed_inputs(batch["input_ids"], batch["pixel_values"])
+    stops = set(vlm.decoder.config.eos_token_ids)
+    answers = {}
+    for penalty in (None, 3.0):
+        tokens = vlm.decoder.generate(batch["input_ids"], inputs_embeds=embeds, max_new_tokens=20, repetition_penalty=penalty)
+        new = tokens[0, batch["input_ids"].shape[1] :].tolist()
+        new = new[: next((k for k, t in enumerate(new) if t in stops), len(new))]
+        answers[penalty] = vlm.tokenizer.decode(new, skip_special_tokens=True)
+        assert vlm.generate("What is it?", [picture(3)], max_new_tokens=20, repetition_penalty=penalty) == answers[penalty]
+    assert answers[None] != answers[3.0]
+
+
+def test_string_and_raw_prompts_reach_generation_as_the_processor_encodes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    vlm = make_vlm()
+    prompts = spy_on_prompts(monkeypatch)
+    vlm.generate("<image>\nWhat colour?", [picture(3)], max_new_tokens=2)
+    as_turn = vlm.processor([{"role": "user", "content": "<image>\nWhat colour?"}], [picture(3)])["input_ids"]
+    assert torch.equal(prompts[-1], as_turn)
+    list(vlm.stream("The picture <image> shows", [picture(3)], max_new_tokens=2, raw=True))
+    raw = vlm.processor("The picture <image> shows", [picture(3)], raw=True)["input_ids"]
+    assert torch.equal(prompts[-1], raw)
+    assert not torch.equal(raw, vlm.processor("The picture <image> shows", [picture(3)])["input_ids"])
+
+
+def test_stream_decodes_each_token_about_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """O(n) streaming: the tokens decoded over a whole answer grow linearly with its length."""
+    vlm = make_vlm()
+    vlm.decoder.config = vlm.decoder.config.replace(eos_token_ids=[])  # always max_new_tokens
+    decoded: list[int] = []
+    decode = vlm.tokenizer.decode
+    monkeypatch.setattr(vlm.tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
+    pieces = list(vlm.stream("What is it?", [picture(3)], max_new_tokens=300))
+    assert len(pieces) > 30
+    assert sum(decoded) < 10 * 300  # re-decoding the answer at every step would be ~300**2 / 2
+
+
+def test_bad_generation_options_are_config_errors_naming_the_field() -> None:
+    vlm = make_vlm()
+    for field, value in {"temperature": -1.0, "top_k": 0, "top_p": 2.0, "repetition_penalty": 0.0, "seed": -1,
+                         "max_new_tokens": -2, "stop": [""]}.items():  # fmt: skip
+        with pytest.raises(ConfigError, match=f"invalid SamplingConfig: {field}"):
+            vlm.stream("Hi", **{field: value})  # raised at the call, before any piece is asked for
+        with pytest.raises(ConfigError, match=field):
+            vlm.generate("Hi", **{field: value})
 
 
 def test_save_and_load_give_identical_logits(vlm: VLM, tmp_path: Path) -> None:
@@ -131,7 +240,7 @@ def test_save_and_load_give_identical_logits(vlm: VLM, tmp_path: Path) -> None:
         before = vlm(**batch).logits
     folder = vlm.save_pretrained(tmp_path / "model")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
-    for loaded in (load_vlm(folder), load_vlm(f"local-dir:{folder}")):
+    for loaded in (load_vlm(folder), load_vlm(f"local-dir:{folder}"), tinyvlm.VLM.from_pretrained(folder)):
         assert loaded.config == vlm.config
         with torch.no_grad():
             after = loaded(**loaded.processor("Describe <image>", [picture(6)])).logits

@@ -12,8 +12,9 @@ tile keeps only the global view. ``pixel_values`` holds every view (global first
 in the order their tokens appear. SmolVLM's (``"smolvlm"``: ``<fake_token_around_image>``, row/column tokens,
 tiles first and the global view last, its own resize and split rule) is `tinyvlm.pretrained.smolvlm_processing`.
 
-Prompts: instruct decoders (the tokenizer ships a chat template) get their template; base decoders get the
-plain text of a string prompt, and for chat messages the minimal transcript of `PLAIN_ROLES`.
+Prompts: a string is one user turn; it and chat messages are rendered exactly as training renders
+conversations: with the chat template of instruct decoders (the tokenizer ships one), else the minimal
+transcript of `PLAIN_ROLES` (base decoders). ``raw=True`` takes a string as plain text to continue.
 """
 
 from __future__ import annotations
@@ -165,19 +166,24 @@ class Processor:
 
     # -------------------------------------------------------------------------------------------- text
 
-    def encode_prompt(self, prompt: Prompt, images: Sequence[ImageInput] = ()) -> tuple[list[int], list[Image.Image]]:
-        """One prompt (a string or chat messages) -> its token ids, ending with the generation prompt, and the
-        loaded images in token order."""
+    def encode_prompt(
+        self, prompt: Prompt, images: Sequence[ImageInput] = (), *, raw: bool = False
+    ) -> tuple[list[int], list[Image.Image]]:
+        """One prompt -> its token ids and the loaded images in token order.
+
+        A string is one user turn and chat messages are a conversation, both rendered by the code that
+        renders training conversations (`encode_example`), ending with the generation prompt. With ``raw``,
+        a string is plain text to continue: tokenised as is, with the BOS the tokenizer adds, no template
+        and no role prefixes."""
         loaded = [load_image(image) for image in images]
-        if isinstance(prompt, str):
-            prompt_text = _with_images(prompt, len(loaded))
-            if self.chat:
-                segments = [(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}]), False)]
-            else:
-                segments = [(self._bos(), False), (prompt_text, False)]
+        if raw:
+            if not isinstance(prompt, str):
+                raise DataError("raw=True takes a string prompt (plain text to continue), not chat messages")
+            text = _with_images(prompt, len(loaded))
+            segments: list[tuple[str | list[int], bool]] = [(self._bos(), False), (text, False)]
         else:
-            messages = _place_images(_normalise(prompt), len(loaded))
-            segments = self._segments(messages, add_generation_prompt=True)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            segments = self._segments(_place_images(_normalise(messages), len(loaded)), add_generation_prompt=True)
         ids, _ = self._encode(segments, loaded)
         return ids, loaded
 
@@ -276,15 +282,20 @@ class Processor:
     # ------------------------------------------------------------------------------------------- batch
 
     def __call__(
-        self, prompts: Prompt | Sequence[Prompt], images: Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None
+        self,
+        text: Prompt | Sequence[Prompt],
+        images: Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        *,
+        raw: bool = False,
     ) -> dict[str, Tensor | None]:
         """One prompt with its images, or a list of prompts with one image list each -> a left-padded batch:
         ``input_ids`` [B, T], ``attention_mask`` [B, T] (0 on padding) and ``pixel_values`` [V, 3, S, S]
-        (None without images)."""
-        prompt_list, image_lists = split_batch(prompts, images)
+        (None without images). ``text``, ``images``: transformers' processor keyword names; a prompt is
+        formatted as `encode_prompt` says (``raw``: plain text to continue)."""
+        prompt_list, image_lists = split_batch(text, images)
         rows, views = [], []
         for prompt, row_images in zip(prompt_list, image_lists):
-            ids, loaded = self.encode_prompt(prompt, row_images)
+            ids, loaded = self.encode_prompt(prompt, row_images, raw=raw)
             rows.append(ids)
             views += [self.views(image) for image in loaded]
         width = max(len(row) for row in rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoder_twins import randomize_, rel_err
+from decoder_twins import randomize_, rel_err, save_twin
 
 import tinyvlm
 from tinyvlm.errors import ConfigError
@@ -152,11 +152,107 @@ def test_top_p_matches_transformers():
     assert torch.equal(torch.isinf(filter_logits(logits, top_k=7)), torch.isinf(expected))
 
 
-def test_bad_options_are_clear_errors(decoder):
+def test_bad_options_are_config_errors_naming_the_field(decoder):
     ids = ids_of(1, 3)
-    for options in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 1.5}, {"max_new_tokens": -1}):
-        with pytest.raises(ConfigError):
-            decoder.generate(ids, **options)
+    bad = {"temperature": -1.0, "top_k": 0, "top_p": 1.5, "max_new_tokens": -1, "repetition_penalty": -1.2,
+           "seed": -5, "eos_token_id": [-1]}  # fmt: skip
+    for field, value in bad.items():
+        with pytest.raises(ConfigError, match=f"invalid SamplingConfig: {field}"):
+            decoder.generate(ids, **{field: value})
+        with pytest.raises(ConfigError, match=field):
+            decoder.generate_stream(ids, **{field: value})  # at the call, not at the first step
+    with pytest.raises(ConfigError, match="attention_mask must be"):
+        decoder.generate_stream(ids, attention_mask=torch.ones(1, 4))
+
+
+def test_seed_gives_the_same_sample_whatever_the_global_rng(decoder):
+    ids = ids_of(2, 6)
+    options = dict(max_new_tokens=10, temperature=30.0, eos_token_id=[])  # the twin's logits are very peaked
+    torch.manual_seed(1)
+    first = decoder.generate(ids, seed=11, **options)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    assert torch.equal(decoder.generate(ids, seed=11, **options), first)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not drawn from
+    samples = {tuple(decoder.generate(ids, seed=seed, **options)[0].tolist()) for seed in range(6)}
+    assert len(samples) > 1
+    torch.manual_seed(11)  # the seed's generator draws what the default generator seeded alike draws
+    assert torch.equal(decoder.generate(ids, **options), first)
+
+
+def test_repetition_penalty_marks_prompt_and_generated_ids(decoder):
+    """Greedy under a penalty: the penalised ids are exactly the prompt's (padding left out) and those
+    generated before, and a left-padded row equals the row alone."""
+    ids = ids_of(1, 8, seed=9)
+    free = decoder.generate(ids, max_new_tokens=16, eos_token_id=[])
+    penalised = decoder.generate(ids, max_new_tokens=16, eos_token_id=[], repetition_penalty=5.0)
+    assert not torch.equal(free, penalised)
+    expected, seen = ids, set(ids[0].tolist())
+    with torch.no_grad():
+        for _ in range(16):  # the same rule by a full forward at every step
+            logits = decoder(expected).logits[0, -1].float()
+            for token in seen:
+                logits[token] = logits[token] * 5.0 if logits[token] < 0 else logits[token] / 5.0
+            token = int(logits.argmax())
+            seen.add(token)
+            expected = torch.cat((expected, torch.tensor([[token]])), dim=1)
+    assert torch.equal(penalised, expected)
+    padded = torch.cat((torch.full((1, 3), 7), ids), dim=1)  # 7 is a padding id here: never penalised
+    mask = torch.cat((torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)), dim=1)
+    out = decoder.generate(padded, attention_mask=mask, max_new_tokens=16, eos_token_id=[], repetition_penalty=5.0)
+    assert torch.equal(out[:, 3:], penalised)
+
+
+@pytest.fixture(scope="module")
+def llama_twin(tmp_path_factory):
+    """A transformers LlamaForCausalLM and the same weights in tinyvlm."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=True, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = randomize_(transformers.LlamaForCausalLM(config), seed=1, norm_offset=1.0).eval()
+    return reference, save_twin(reference, tmp_path_factory.mktemp("llama"))
+
+
+def _hf_generate(reference, ids, mask, new, **options):
+    return reference.generate(
+        ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, eos_token_id=None, pad_token_id=0, **options
+    )
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_greedy_equals_transformers(llama_twin, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor on greedy decoding, token for token, on one row and on
+    a left-padded batch (transformers 5 leaves padding out of the penalty)."""
+    reference, ours = llama_twin
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    single = ids[:1]
+    expected = _hf_generate(reference, single, torch.ones_like(single), 24, do_sample=False, repetition_penalty=penalty)
+    actual = ours.generate(single, max_new_tokens=24, eos_token_id=[], repetition_penalty=penalty)
+    assert torch.equal(actual, expected)
+    assert not torch.equal(actual, ours.generate(single, max_new_tokens=24, eos_token_id=[]))  # the penalty acted
+    expected = _hf_generate(reference, ids, mask, 24, do_sample=False, repetition_penalty=penalty)
+    actual = ours.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], repetition_penalty=penalty)
+    assert torch.equal(actual, expected)
+
+
+def test_sampling_order_equals_transformers(llama_twin):
+    """Penalty, temperature, top-k, top-p in transformers' order: with the same random stream (our seed's
+    generator = the default generator seeded alike), the same samples."""
+    reference, ours = llama_twin
+    ids = torch.randint(3, 101, (3, 7), generator=torch.Generator().manual_seed(5))
+    options = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.4)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = _hf_generate(reference, ids, torch.ones_like(ids), 16, do_sample=True, **options)
+        actual = ours.generate(ids, max_new_tokens=16, eos_token_id=[], seed=seed, **options)
+        assert torch.equal(actual, expected)
 
 
 def test_resize_vocab_keeps_logits_and_ties(decoder):

@@ -63,7 +63,7 @@ def test_logits_pixels_and_greedy_tokens_match_nanovlm(twin) -> None:
         prompt = [{"role": "user", "content": "What colour is the shape?"}]
         text = vlm.tokenizer.apply_chat_template([{"role": "user", "content": image_token * per_image + "What colour is the shape?"}])
         reference_ids = torch.tensor([vlm.tokenizer.encode(text, add_special_tokens=False)])
-    batch = vlm.processor(prompt, [image])
+    batch = vlm.processor(prompt, [image], raw=image_token is None)
     pixels = _nanovlm_pixels(image, config["vit_img_size"])
     torch.testing.assert_close(batch["pixel_values"], pixels, rtol=0, atol=1e-6)
     ids = batch["input_ids"]

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from tinyvlm.config import Config, check_activation
 from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
+from tinyvlm.generation import SamplingConfig, generate_tokens
 from tinyvlm.layers import split_linear
 
 
@@ -56,24 +57,20 @@ class Decoder(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
     ) -> Tensor:
-        """Prompt plus new tokens ``[B, T + n]`` (see API.md). ``inputs_embeds`` replaces the prompt's
-        embedding lookup (a VLM passes its merged image + text embeddings)."""
-        steps = list(
-            self.generate_stream(
-                input_ids,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_token_id=eos_token_id,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-            )
-        )
+        """Prompt plus new tokens ``[B, T + n]`` (see API.md; the options are `SamplingConfig`'s).
+        ``attention_mask``: ``[B, T]``, 0 on left padding; ``inputs_embeds`` replaces the prompt's embedding
+        lookup (a VLM passes its merged image + text embeddings). Never changes the weights."""
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
+        )  # fmt: skip
+        steps = list(generate_tokens(self, input_ids, sampling, attention_mask=attention_mask, inputs_embeds=inputs_embeds))
         return torch.cat((input_ids, torch.stack(steps, dim=1)), dim=1) if steps else input_ids
 
     def generate_stream(
@@ -84,25 +81,19 @@ class Decoder(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Same arguments as `generate`; yields the ``[B]`` tokens of each step as they are chosen
-        (rows that have ended get the pad id)."""
-        from tinyvlm.generation import generate_stream
-
-        return generate_stream(
-            self,
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-        )
+        (rows that have ended get the pad id). Bad arguments raise here, before the first step."""
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
+        )  # fmt: skip
+        return generate_tokens(self, input_ids, sampling, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
 
 
 # ------------------------------------------------------------------------------ the shared transformer stack

@@ -13,7 +13,7 @@ Two prompt layouts are read, told apart by ``config.json``:
   features go *before* the prompt's tokens; the vocabulary has no image token. tinyvlm adds a
   ``<|image|>`` placeholder to the tokenizer (beyond the embedding matrix: its row is never looked up), so
   a prompt without an ``<image>`` placeholder gets exactly nanoVLM's layout. nanoVLM v0.1 prompted with
-  ``"Question: {question} Answer:"`` and no chat template; pass prompts in that form.
+  ``"Question: {question} Answer:"`` and no chat template; pass prompts in that form, with ``raw=True``.
 * **image token** (``vlm_extra_tokens = {"image_token": "<|image|>"}``, mid-2025): ``mp_image_token_length``
   ``<|image|>`` tokens (a row of the extended vocabulary) where the image goes, ``lm_chat_template``.
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError, DataError
+from tinyvlm.generation import SamplingConfig, TextStream, generate_tokens, stop_ids
 from tinyvlm.processor import IGNORE_INDEX, Processor, is_single_prompt
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig, check_factor, default_factor
 from tinyvlm.registry import get_config, get_family
@@ -189,17 +190,6 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------------------------- generation
 
-    def _steps(self, prompt: Any, images: Any, options: dict[str, Any]) -> tuple[Iterator[Tensor], int]:
-        batch = self.processor(prompt, images)
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch["attention_mask"].to(self.device)
-        with torch.inference_mode():
-            embeds = self.embed_inputs(input_ids, batch["pixel_values"])
-        steps = self.decoder.generate_stream(
-            input_ids, inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=None, **options
-        )
-        return steps, input_ids.shape[0]
-
     def stream(
         self,
         prompt: Any,
@@ -209,37 +199,19 @@ class VLM(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        raw: bool = False,
     ) -> Iterator[Any]:
-        """Yield the answer as text pieces while it is generated (a list of pieces per step for a list of
-        prompts). Pieces never split a multi-byte character; joined they equal `generate`'s answer."""
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        single = is_single_prompt(prompt)
-        steps, rows = self._steps(prompt, images, options)
-        stops = set(self.decoder.config.eos_token_ids)
-        ids: list[list[int]] = [[] for _ in range(rows)]
-        ended = [False] * rows
-        shown = [""] * rows
-        for tokens in steps:
-            for r, token in enumerate(tokens.tolist()):
-                if not ended[r]:
-                    if token in stops:
-                        ended[r] = True
-                    else:
-                        ids[r].append(token)
-            pieces = [self._new_text(ids[r], shown, r, final=False) for r in range(rows)]
-            if any(pieces):
-                yield pieces[0] if single else pieces
-        pieces = [self._new_text(ids[r], shown, r, final=True) for r in range(rows)]
-        if any(pieces):
-            yield pieces[0] if single else pieces
-
-    def _new_text(self, ids: list[int], shown: list[str], row: int, *, final: bool) -> str:
-        """The text of ``ids`` not yet shown; held back while it ends inside a multi-byte character."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if (text.endswith("\ufffd") and not final) or not text.startswith(shown[row]):
-            return ""
-        piece, shown[row] = text[len(shown[row]) :], text
-        return piece
+        """Yield the answer as text pieces while it is generated (for a list of prompts, a list with one
+        piece per prompt, "" for those with nothing new). Same arguments as `generate`; joined, the pieces
+        are `generate`'s answer. Bad arguments raise here, before the first piece."""
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+        )  # fmt: skip
+        return self._stream(prompt, images, sampling, raw=raw)
 
     def generate(
         self,
@@ -250,21 +222,45 @@ class VLM(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        raw: bool = False,
     ) -> str | list[str]:
-        """The answer to a prompt (a string or chat messages; ``<image>`` marks where each image goes,
-        otherwise images precede the text), or a list of answers to a list of prompts (``images``: one list
-        per prompt). Greedy when ``temperature == 0``; stops at the decoder's end-of-sequence tokens."""
+        """The answer to a prompt, or a list of answers to a list of prompts (``images``: one list per prompt).
+
+        ``prompt``: a string (one user turn, formatted exactly as training formats conversations: the chat
+        template, or the plain ``User: ...`` transcript of a base decoder) or chat messages; ``<image>``
+        marks where each image goes, otherwise the images precede the text. ``raw=True`` takes a string as
+        plain text to continue (no template, no roles; BOS as the tokenizer adds it). The sampling options
+        are `tinyvlm.generation.SamplingConfig`'s; the answer ends at the decoder's end-of-sequence tokens
+        or before the first ``stop`` string."""
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+        )  # fmt: skip
         single = is_single_prompt(prompt)
         answers: list[str] | None = None
-        for pieces in self.stream(
-            prompt, images, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
-        ):
+        for pieces in self._stream(prompt, images, sampling, raw=raw):
             pieces = [pieces] if single else pieces
-            answers = [a + p for a, p in zip(answers, pieces)] if answers else list(pieces)
+            answers = list(pieces) if answers is None else [a + p for a, p in zip(answers, pieces)]
         if answers is None:
-            rows = 1 if single else len(prompt)
-            answers = [""] * rows
+            answers = [""] * (1 if single else len(prompt))
         return answers[0] if single else answers
+
+    def _stream(self, prompt: Any, images: Any, sampling: SamplingConfig, *, raw: bool) -> Iterator[Any]:
+        """Encode the prompts and start the token loop now (so bad input raises at once); the returned
+        iterator turns each step's tokens into text pieces."""
+        single = is_single_prompt(prompt)
+        batch = self.processor(prompt, images, raw=raw)
+        input_ids = batch["input_ids"].to(self.device)
+        with torch.inference_mode():
+            embeds = self.embed_inputs(input_ids, batch["pixel_values"])
+        steps = generate_tokens(
+            self.decoder, input_ids, sampling, attention_mask=batch["attention_mask"].to(self.device), inputs_embeds=embeds
+        )
+        texts = [TextStream(self.tokenizer, sampling.stop) for _ in range(input_ids.shape[0])]
+        return _text_pieces(steps, texts, set(stop_ids(self.decoder, sampling)), single=single)
 
     # ------------------------------------------------------------------------------------------ saving
 
@@ -279,6 +275,27 @@ class VLM(nn.Module):
         """Upload the saved model and a model card (README.md naming the components) to ``repo_id``;
         returns the commit URL."""
         return files.push_vlm(self, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def _text_pieces(steps: Iterator[Tensor], texts: list[TextStream], stops: set[int], *, single: bool) -> Iterator[Any]:
+    """Each step's tokens -> one new text piece per row (a row ends at a stop id or a stop string); stops
+    the token loop as soon as every row has ended."""
+    try:
+        for tokens in steps:
+            pieces = [
+                "" if text.done else text.finish() if token in stops else text.push(token)
+                for text, token in zip(texts, tokens.tolist())
+            ]
+            if all(text.done for text in texts):
+                break
+            if any(pieces):
+                yield pieces[0] if single else pieces
+        else:  # max_new_tokens reached: what the rows held back
+            pieces = [text.finish() for text in texts]
+        if any(pieces):
+            yield pieces[0] if single else pieces
+    finally:
+        steps.close()  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------------------------- parts
