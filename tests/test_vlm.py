@@ -139,31 +139,46 @@ def count_steps(vlm: VLM, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+#: Seeded sampling: varied, reproducible answers (greedy answers of random-init twins loop on one token).
+SAMPLED = dict(temperature=1.0, seed=0)
+
+
+def a_stop_string(answer: str, start: int = 8) -> str:
+    """Three characters of ``answer`` first found at or after ``start``, so that a cut there is mid-answer."""
+    for k in range(start, len(answer) - 3):
+        stop = answer[k : k + 3]
+        if answer.find(stop) == k and stop.isprintable() and "\ufffd" not in stop:
+            return stop
+    raise AssertionError(f"no stop string in {answer!r}")
+
+
 def test_stop_strings_end_the_answer_and_the_generation(monkeypatch: pytest.MonkeyPatch) -> None:
     vlm = make_vlm()
     images = [picture(3)]
-    free = vlm.generate("What is it?", images, max_new_tokens=30)
-    assert len(free) > 12
-    stop = free[8:11]
+    free = vlm.generate("What is it?", images, max_new_tokens=30, **SAMPLED)
+    stop = a_stop_string(free)
     expected = free[: free.find(stop)]
+    assert len(expected) >= 8
     calls = count_steps(vlm, monkeypatch)
-    assert vlm.generate("What is it?", images, max_new_tokens=30, stop=[stop, "\x00never"]) == expected
+    assert vlm.generate("What is it?", images, max_new_tokens=30, stop=[stop, "\x00never"], **SAMPLED) == expected
     assert 0 < len(calls) < 30  # stopped as soon as the stop string appeared
-    assert "".join(vlm.stream("What is it?", images, max_new_tokens=30, stop=stop)) == expected
-    never = vlm.generate("What is it?", images, max_new_tokens=30, stop=[free[8:11] + "\x00"])  # starts, never completes
-    assert never == free
+    pieces = list(vlm.stream("What is it?", images, max_new_tokens=30, stop=stop, **SAMPLED))
+    assert "".join(pieces) == expected and len(pieces) > 1
+    starts_only = stop + "\x00"  # its start appears, it never completes: held back, then released
+    assert vlm.generate("What is it?", images, max_new_tokens=30, stop=starts_only, **SAMPLED) == free
 
 
 def test_stop_strings_are_tracked_per_row() -> None:
     vlm = make_vlm("test-dinov3", "test-gemma3")
     prompts = ["Short?", [{"role": "user", "content": "A longer question about <image> here"}]]
     images = [[], [picture(4)]]
-    free = vlm.generate(prompts, images, max_new_tokens=20)
-    stop = next(free[0][k : k + 3] for k in range(4, len(free[0]) - 3) if free[0][k : k + 3] not in free[1])
-    cut = vlm.generate(prompts, images, max_new_tokens=20, stop=[stop])
+    free = vlm.generate(prompts, images, max_new_tokens=20, **SAMPLED)
+    stop = a_stop_string(free[0], start=4)
+    assert stop not in free[1]
+    cut = vlm.generate(prompts, images, max_new_tokens=20, stop=[stop], **SAMPLED)
     assert cut == [free[0][: free[0].find(stop)], free[1]]
     streamed = ["", ""]
-    for pieces in vlm.stream(prompts, images, max_new_tokens=20, stop=[stop]):
+    for pieces in vlm.stream(prompts, images, max_new_tokens=20, stop=[stop], **SAMPLED):
         streamed = [s + p for s, p in zip(streamed, pieces)]
     assert streamed == cut
 
@@ -219,7 +234,7 @@ def test_stream_decodes_each_token_about_once(monkeypatch: pytest.MonkeyPatch) -
     decoded: list[int] = []
     decode = vlm.tokenizer.decode
     monkeypatch.setattr(vlm.tokenizer, "decode", lambda ids, **kw: decoded.append(len(ids)) or decode(ids, **kw))
-    pieces = list(vlm.stream("What is it?", [picture(3)], max_new_tokens=300))
+    pieces = list(vlm.stream("What is it?", [picture(3)], max_new_tokens=300, **SAMPLED))
     assert len(pieces) > 30
     assert sum(decoded) < 10 * 300  # re-decoding the answer at every step would be ~300**2 / 2
 

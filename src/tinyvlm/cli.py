@@ -183,7 +183,8 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser(
         "generate", help="answer a prompt about images, streaming the answer",
         description="Answer a prompt about one or more images with a saved VLM (--model) or one assembled from "
-        "an encoder and a decoder (the projector is then untrained: for trying the plumbing, not for answers).",
+        "an encoder and a decoder (the projector is then untrained: for trying the plumbing, not for answers). "
+        "The prompt is one user turn, formatted as training formats conversations (--raw: plain text to continue).",
     )
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="saved VLM folder, local-dir:PATH, hf-hub:ORG/NAME or a VLM recipe key")
@@ -192,33 +193,66 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-mlp)")
     generate.add_argument("--image", nargs="+", default=[], metavar="PATH", help="image file(s), in prompt order")
     generate.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
+    generate.add_argument("--raw", action="store_true",
+                          help="take the prompt as plain text to continue: no chat template, no role prefixes")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    generate.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    generate.add_argument("--top-p", type=float, default=None, help="sample from the nucleus of probability P")
+    generate.add_argument("--repetition-penalty", type=float, default=None,
+                          help="transformers' repetition penalty (> 1 discourages repeating tokens)")
+    generate.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                          help="end the answer before this text (repeatable)")
+    generate.add_argument("--seed", type=int, default=None, help="seed of the sampling (same seed, same answer)")
+    generate.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     generate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     generate.set_defaults(handler=cmd_generate)
 
 
+#: ``tinyvlm generate`` flags that are `tinyvlm.generation.SamplingConfig` fields (same names, ``-`` for ``_``).
+_SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tinyvlm.devices import check_device, default_device
+    from tinyvlm.devices import check_device, default_device, parse_dtype
     from tinyvlm.errors import ConfigError
     from tinyvlm.vlm.building import build_vlm, open_vlm
 
+    check_sampling_flags({name: getattr(args, name) for name in _SAMPLING_FLAGS})  # before the model is loaded
+    dtype = parse_dtype(args.dtype)
     device = check_device(args.device) or default_device()
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        vlm = open_vlm(args.model, device=device)
+        vlm = open_vlm(args.model, dtype=dtype, device=device)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
-        vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device)
+        vlm = build_vlm(args.encoder, args.decoder, args.projector, dtype=dtype, device=device)
     vlm.prepare_for_inference()
-    for piece in vlm.stream(
-        args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature
-    ):
+    pieces = vlm.stream(
+        args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, raw=args.raw,
+    )  # fmt: skip
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
     return 0
+
+
+def check_sampling_flags(values: dict[str, object]) -> None:
+    """Validate the sampling flags as `SamplingConfig` does; a `ConfigError` names the flags."""
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.generation import SamplingConfig
+
+    try:
+        SamplingConfig(**values)
+    except ConfigError as error:
+        problems = str(error).removeprefix(f"invalid {SamplingConfig.__name__}: ").split("; ")
+        for name in values:
+            flag = "--" + name.replace("_", "-")
+            problems = [flag + p[len(name) :] if p.startswith((name + ":", name + ".")) else p for p in problems]
+        raise ConfigError("; ".join(problems)) from None
 
 
 # ------------------------------------------------------------------------------------------------ training
