@@ -169,3 +169,12 @@ def test_sampling_config_validates_every_field() -> None:
         SamplingConfig(eos_token_id=[2, -1])
     with pytest.raises(ConfigError, match="unknown field 'beams'"):
         SamplingConfig(beams=4)
+
+
+def test_generation_does_not_import_the_decoders() -> None:
+    """No import cycle: tinyvlm.decoders.base imports tinyvlm.generation, never the other way round."""
+    import subprocess
+    import sys
+
+    code = "import sys, tinyvlm.generation; assert not any(m.startswith('tinyvlm.decoders') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -330,6 +330,22 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major
 
 
+def test_generate_never_changes_the_weights(decoder):
+    """The decoding layout is the explicit prepare_for_inference step: generating (as training's evaluation
+    does) leaves every parameter's storage, strides and values as they were."""
+    import copy
+
+    model = copy.deepcopy(decoder)
+    for param in model.parameters():
+        param.data = param.data.contiguous()
+    before = {name: (p.data_ptr(), p.stride(), p.detach().clone()) for name, p in model.named_parameters()}
+    model.generate(ids_of(2, 7), max_new_tokens=5, eos_token_id=[], repetition_penalty=1.2)
+    list(model.generate_stream(ids_of(1, 7), max_new_tokens=3, temperature=1.0, seed=0))
+    for name, p in model.named_parameters():
+        pointer, stride, value = before[name]
+        assert (p.data_ptr(), p.stride()) == (pointer, stride) and torch.equal(p, value), name
+
+
 @pytest.fixture
 def threads():
     """Set the intra-op thread count for one test, then restore it."""
