@@ -58,3 +58,24 @@ def test_logits_and_greedy_continuations_match(folder, models):
         )
         actual = ours.generate(ids, max_new_tokens=expected.shape[1] - ids.shape[1], eos_token_id=[])
         assert torch.equal(actual, expected), (tokenizer.decode(actual[0]), tokenizer.decode(expected[0]))
+
+
+def test_incremental_detokenizer_equals_full_decode(folder):
+    """Gemma-3's real tokenizer (262k pieces, byte fallback, 6k special tokens): streamed pieces join to the
+    full decode for texts and for random ids (split and invalid byte runs, special tokens among them)."""
+    import random
+
+    from tinyvlm.generation import IncrementalDetokenizer
+
+    tokenizer = tinyvlm.load_tokenizer(f"local-dir:{folder}")
+    rng = random.Random(0)
+    texts = [*PROMPTS, "ünïcödé 日本語 🙂👨‍👩‍👧  spaces\n\nand <start_of_turn>user 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+    sequences = [tokenizer.encode(text) for text in texts]
+    byte_ids = [tokenizer.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+    specials = [tokenizer.token_to_id(t) for t in ("<start_of_turn>", "<end_of_turn>", "<bos>", "<pad>")]
+    pool = byte_ids + specials + list(range(len(tokenizer)))[:3000]
+    sequences += [[rng.choice(pool) for _ in range(rng.randrange(1, 40))] for _ in range(300)]
+    for ids in sequences:
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        pieces = [detokenizer.push(token) for token in ids] + [detokenizer.finish()]
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True), ids
