@@ -67,7 +67,7 @@ def test_parts_and_option_errors(data: Path, tmp_path: Path) -> None:
     assert parse_parts("decoder, projector") == ("projector", "decoder")
     base = dict(data=data, output=tmp_path)
     for options, message in [
-        (dict(MODEL, train="head"), "expected 'all' or a comma list"),
+        (dict(MODEL, train="head"), "expected 'all', 'none' or a comma list"),
         (dict(MODEL, encoder="test-siglip", decoder="test-llama"), "either model"),
         (dict(encoder="test-siglip"), "both encoder and decoder"),
         (dict(MODEL, batch_size=0), "batch_size"),

@@ -62,6 +62,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_generate_parser(commands)
 
     add_train_parser(commands, with_flags=command == "train")
+    add_merge_parser(commands)
+    add_export_parser(commands)
     add_demo_parser(commands)
     return parser
 
@@ -377,6 +379,55 @@ def validated(model: type, options: dict[str, object]):
         return model(**options)
     except ValidationError as error:
         raise ConfigError("; ".join(describe_errors(error, flag))) from None
+
+
+# ------------------------------------------------------------------------------------------- LoRA, export
+
+
+def add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge", help="fold a LoRA adapter into its base VLM and save a plain model",
+        description="Load BASE (a saved or trained VLM, or the recipe the adapter was trained on), apply the LoRA "
+        "adapter in ADAPTER (tinyvlm train --lora, or peft's save_pretrained), fold W + (alpha/r) B A into the "
+        "weights and save the plain model to DIR (tinyvlm's layout; tinyvlm export converts it).",
+    )
+    merge.add_argument("base", metavar="BASE", help="the base VLM the adapter was trained on")
+    merge.add_argument("adapter", metavar="ADAPTER", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("output", metavar="DIR", help="where the merged model goes")
+    merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype of the merge and of the saved weights (default: float32)")
+    merge.set_defaults(handler=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tinyvlm.lora.adapter import merge_adapter
+    from tinyvlm.vlm.building import with_adapter
+
+    vlm = with_adapter(args.base, args.adapter, dtype=args.dtype, device=None)
+    folder = merge_adapter(vlm).save_pretrained(args.output)
+    print(f"merged {args.adapter} into {args.base}: {folder} (load it with tinyvlm.load_vlm({str(folder)!r}))")
+    return 0
+
+
+def add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="write a VLM or a decoder in transformers' layout (Idefics3 / LlamaForCausalLM / ...)",
+        description="Write NAME in transformers' layout into DIR: a VLM as Idefics3ForConditionalGeneration + "
+        "Idefics3Processor files (SigLIP + Llama + pixel-shuffle-linear with the smolvlm token layout, e.g. any "
+        "SmolVLM), a decoder as LlamaForCausalLM / Gemma3ForCausalLM. transformers and vLLM load the folder.",
+    )
+    export.add_argument("name", metavar="NAME", help="a saved or trained VLM, a VLM recipe, or a decoder")
+    export.add_argument("output", metavar="DIR", help="the folder to write")
+    export.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tinyvlm.export import export
+
+    kind, folder = export(args.name, args.output)
+    layout = "Idefics3" if kind == "vlm" else "causal LM"
+    print(f"exported the {kind} {args.name} to {folder} (transformers {layout} layout)")
+    return 0
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:

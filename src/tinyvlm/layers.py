@@ -137,6 +137,17 @@ class RopeConfig(Config):
             values = {}
         return cls(theta=theta, type=rope_type, **values)
 
+    def to_hf(self) -> dict[str, Any]:
+        """The ``rope_parameters`` dict transformers v5 writes for these frequencies (`from_hf` reads it back)."""
+        params: dict[str, Any] = {"rope_type": self.type, "rope_theta": self.theta}
+        if self.type == "linear":
+            params["factor"] = self.factor
+        elif self.type == "llama3":
+            params.update(factor=self.factor, low_freq_factor=self.low_freq_factor,
+                          high_freq_factor=self.high_freq_factor,
+                          original_max_position_embeddings=self.original_max_position_embeddings)
+        return params
+
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig, device: torch.device | str | None = None) -> Tensor:
     """Inverse frequencies ``theta^(-2i/d)`` (fp32, as transformers computes them), rescaled per ``rope.type``."""

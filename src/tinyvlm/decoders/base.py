@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -166,6 +167,13 @@ def hf_token_ids(value: int | list[int] | None) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
+def hf_token_value(ids: list[int]) -> int | list[int] | None:
+    """The inverse of `hf_token_ids`: one id as an int, several as a list, none as null."""
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else list(ids)
+
+
 class TransformerDecoder(Decoder):
     """A pre-norm decoder-only transformer with HF-compatible module names; families supply the blocks.
 
@@ -315,6 +323,17 @@ class TransformerDecoder(Decoder):
         if cache is not None:
             cache.advance(T)
         return self.norm(h)
+
+    def save_pretrained(self, folder: str | Path, layout: Literal["transformers"] = "transformers",
+                        tokenizer: Any = None) -> Path:
+        """Write the decoder as a transformers causal-LM folder (its family's ``LlamaForCausalLM`` /
+        ``Gemma3ForCausalLM``, with the ``tokenizer`` when given), atomically: `tinyvlm.export.save_hf_decoder`.
+        Decoders have no other layout (tinyvlm reads theirs)."""
+        if layout != "transformers":
+            raise ConfigError(f"layout={layout!r}: a decoder is saved in the 'transformers' layout")
+        from tinyvlm.export import save_hf_decoder
+
+        return save_hf_decoder(self, folder, tokenizer)
 
     @torch.no_grad()
     def resize_vocab(self, new_size: int) -> None:

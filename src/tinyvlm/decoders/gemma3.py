@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from tinyvlm.config import require
-from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids
+from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids, hf_token_value
 from tinyvlm.decoders.cache import LayerKV
 from tinyvlm.layers import Attention, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
 from tinyvlm.registry import Family, register_family, register_model
@@ -73,6 +73,35 @@ class Gemma3Config(DecoderConfig):
             eos_token_ids=hf_token_ids(hf.get("eos_token_id", 1)),
             pad_token_id=hf.get("pad_token_id", 0),
         )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` of transformers' ``Gemma3ForCausalLM`` (``gemma3_text``) for this config."""
+        return {
+            "model_type": "gemma3_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_activation": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "layer_types": list(self.layer_types),
+            "sliding_window": self.sliding_window,
+            "query_pre_attn_scalar": int(self.query_pre_attn_scalar)
+            if float(self.query_pre_attn_scalar).is_integer() else self.query_pre_attn_scalar,  # an int there
+            "rope_parameters": {"full_attention": self.rope_global.to_hf(), "sliding_attention": self.rope_local.to_hf()},
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "attn_logit_softcapping": None,
+            "use_bidirectional_attention": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": hf_token_value(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
+        }
 
     @model_validator(mode="after")
     def _one_type_per_layer(self) -> "Gemma3Config":

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from tinyvlm.config import require
-from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids
+from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids, hf_token_value
 from tinyvlm.decoders.cache import LayerKV
 from tinyvlm.layers import Attention, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
 from tinyvlm.registry import Family, register_family, register_model
@@ -45,6 +45,30 @@ class LlamaConfig(DecoderConfig):
             eos_token_ids=hf_token_ids(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
         )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` of transformers' ``LlamaForCausalLM`` for this config (`from_hf` reads it back)."""
+        return {
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_parameters": self.rope.to_hf(),
+            "pretraining_tp": 1,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": hf_token_value(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
+        }
 
 
 class LlamaBlock(nn.Module):

@@ -22,6 +22,7 @@ frame sequences with timestamps in the prompt).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -155,11 +156,27 @@ def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
 
 
 def read(source: Source) -> tuple[VLMConfig, Tokenizer]:
-    """A SmolVLM checkpoint in its Hub layout: config, processor settings and tokenizer (with SmolVLM's chat
-    format for string contents)."""
+    """A SmolVLM checkpoint in its Hub layout: config, processor settings and tokenizer. The chat template is
+    the folder's own when it takes string contents (tinyvlm's exports write such a template); SmolVLM's
+    list-content template (the Hub repos' ``chat_template.json``) is replaced by `CHAT_TEMPLATE`, the same
+    format for string contents; a folder without a template stays without one (plain prompts)."""
     tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
-    tokenizer.chat_template = CHAT_TEMPLATE
+    template = tokenizer.chat_template or source.json("chat_template.json").get("chat_template")
+    if template is not None and not takes_string_contents(tokenizer, template):
+        template = CHAT_TEMPLATE
+    tokenizer.chat_template = template
     return vlm_config(source, tokenizer), tokenizer
+
+
+def takes_string_contents(tokenizer: Tokenizer, template: str) -> bool:
+    """Whether ``template`` renders a message whose content is a string (with an ``<image>`` placeholder)."""
+    probe = IMAGE_TOKEN + "Is this a string?"
+    rendering = copy.copy(tokenizer)
+    rendering.chat_template = template
+    try:
+        return probe in rendering.apply_chat_template([{"role": "user", "content": probe}])
+    except Exception:  # a template written for list contents may also fail on a string, in many ways
+        return False
 
 
 register_family(

@@ -1,6 +1,7 @@
 """Training checkpoints: ``checkpoints/step-NNNNNNNN`` folders with the model, the optimizer state, the RNG
 states and the step, written to a temporary folder and renamed into place (an interrupted save leaves the
-previous checkpoint intact)."""
+previous checkpoint intact). A LoRA run's checkpoints hold its adapter (peft's files: LoRA weights and the
+parts trained in full) instead of the model: the frozen base is rebuilt from its name on resume."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError
+from tinyvlm.lora.adapter import ADAPTER_WEIGHTS, has_adapter, load_adapter_weights, write_adapter_files
 from tinyvlm.training.config import RESUMABLE_CHANGES, TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -47,7 +49,10 @@ def save_checkpoint(
     temporary = folder / f".step-{step:08d}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_model(vlm, str(temporary / "model.safetensors"))
+    if has_adapter(vlm):
+        write_adapter_files(vlm, temporary)
+    else:
+        save_model(vlm, str(temporary / "model.safetensors"))
     tensors, groups = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -89,7 +94,10 @@ def check_resumable(folder: Path, config: TrainConfig) -> None:
 def load_checkpoint(folder: Path, vlm: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Restore what `save_checkpoint` wrote; returns the step to continue from."""
     state = json.loads((folder / "state.json").read_text())
-    load_model(vlm, str(folder / "model.safetensors"), strict=True)
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        load_adapter_weights(vlm, folder)
+    else:
+        load_model(vlm, str(folder / "model.safetensors"), strict=True)
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in tensors.items():

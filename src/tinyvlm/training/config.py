@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tinyvlm.errors import ConfigError
+from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_PARTS, TARGETS, LoraSettings, parse_names
 
 PARTS = ("encoder", "projector", "decoder")
 #: Fields that may change when resuming without changing the trajectory.
@@ -33,7 +34,8 @@ class TrainConfig(BaseModel):
     decoder: str | None = Field(None, description="language decoder name (with --encoder)")
     projector: str | None = Field(None, description="projector name, with encoder + decoder (default pixel-shuffle-mlp)")
     pretrained: bool = Field(True, description="load the parts' pretrained weights (recipes and pairs only)")
-    train: str = Field("projector", description="parts to train: projector, all, or a list like projector,decoder")
+    train: str = Field("projector", description="parts to train in full: projector, all, a list like "
+                       "projector,decoder, or none (with lora)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: one pass over the data)")
     batch_size: int | None = Field(None, ge=1, description="samples per micro-batch and process (default: the "
                                    "model's, nanoVLM's 2)")
@@ -62,6 +64,15 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=0, description="checkpoint every N steps, 0 for never")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
     log_every: int = Field(10, ge=1, description="log metrics every N steps")
+    lora: int | None = Field(None, ge=1, description="LoRA rank: train low-rank adapters (peft) of lora_parts "
+                             "instead of their weights; the run saves the adapter alone (needs tinyvlm[lora])")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha: the adapter is scaled by alpha / rank "
+                                   "(default: the rank, scale 1)")
+    lora_targets: str = Field(DEFAULT_TARGETS, description="layers LoRA adapts, a comma list of "
+                              f"{','.join(TARGETS)} (encoders: up = fc1, down = fc2)")
+    lora_parts: str = Field(DEFAULT_PARTS, description="parts LoRA adapts: decoder, encoder or decoder,encoder")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    lora_rslora: bool = Field(False, description="scale LoRA by alpha / sqrt(rank) (rank-stabilised LoRA)")
     seed: int = Field(0, description="seed of initialisation, data order and split")
     resume: bool = Field(False, description="continue the run in output from its last checkpoint")
     device: str | None = Field(None, description="cpu, cuda, cuda:1... (default: cuda if available; under torchrun "
@@ -80,16 +91,48 @@ class TrainConfig(BaseModel):
         if self.val_data is not None and "val_fraction" in self.model_fields_set:
             raise ValueError("give val_data or val_fraction, not both")
         parse_parts(self.train)
+        lora_options = sorted(f for f in self.model_fields_set if f.startswith("lora_"))
+        if self.lora is None:
+            if lora_options:
+                raise ValueError(f"{', '.join(lora_options)} need lora (the LoRA rank)")
+            if not self.parts:
+                raise ValueError("train='none' leaves nothing to train (it goes with lora)")
+        else:
+            lora = self.lora_settings
+            overlap = [part for part in lora.parts if part in self.parts]  # type: ignore[union-attr]
+            if overlap:
+                raise ValueError(f"{', '.join(overlap)} is both in train (trained in full) and in lora_parts "
+                                 "(adapted with LoRA): choose one")
+            if self.model is None:
+                raise ValueError("lora needs model (a VLM recipe or a saved / trained VLM), the base the adapter "
+                                 "applies to; encoder + decoder pairs have no single name to record")
         return self
 
     @property
     def parts(self) -> tuple[str, ...]:
+        """The parts trained in full."""
         return parse_parts(self.train)
+
+    @property
+    def lora_settings(self) -> LoraSettings | None:
+        if self.lora is None:
+            return None
+        return LoraSettings(
+            rank=self.lora, alpha=self.lora_alpha, dropout=self.lora_dropout, rslora=self.lora_rslora,
+            targets=parse_names(self.lora_targets, TARGETS, what="lora_targets"),
+            parts=parse_names(self.lora_parts, LORA_PARTS, what="lora_parts"),
+        )
+
+    @property
+    def trained_parts(self) -> tuple[str, ...]:
+        """Every part with trained weights: in full or through LoRA, in model order."""
+        lora = self.lora_settings.parts if self.lora is not None else ()  # type: ignore[union-attr]
+        return tuple(part for part in PARTS if part in self.parts or part in lora)
 
     def resolved(self, defaults: Any, context_length: int) -> "Settings":
         """The options left at None filled in from the model's training defaults (`TrainingDefaults`)."""
         lrs = {}
-        for part in self.parts:
+        for part in self.trained_parts:
             own = getattr(self, f"lr_{part}")
             lrs[part] = own if own is not None else self.lr if self.lr is not None else getattr(defaults, f"lr_{part}")
             if lrs[part] == 0:
@@ -118,13 +161,15 @@ class Settings:
 
 
 def parse_parts(spec: str) -> tuple[str, ...]:
-    """``'all'`` / ``'projector'`` / ``'projector,decoder'`` -> the trained parts, in model order."""
+    """``'all'`` / ``'projector'`` / ``'projector,decoder'`` / ``'none'`` -> the trained parts, in model order."""
     names = {name.strip() for name in spec.split(",") if name.strip()}
     if names == {"all"}:
         return PARTS
+    if names == {"none"}:
+        return ()
     unknown = names - set(PARTS)
     if unknown or not names:
-        raise ValueError(f"train={spec!r}: expected 'all' or a comma list of {', '.join(PARTS)}")
+        raise ValueError(f"train={spec!r}: expected 'all', 'none' or a comma list of {', '.join(PARTS)}")
     return tuple(part for part in PARTS if part in names)
 
 

@@ -11,6 +11,10 @@ The loop, in order of what happens at each optimizer step ``s``:
 * gradients are clipped, AdamW steps, and every ``checkpoint_every`` steps rank 0 writes model, optimizer,
   RNG states and step to a temporary folder that is then renamed into place.
 
+With ``lora`` (a rank), the ``lora_parts`` get peft LoRA layers (`tinyvlm.lora.adapter.add_lora`): their base
+weights stay frozen, the adapters and the parts in ``train`` are trained, and checkpoints and the final save
+hold the adapter alone (``adapter/``: peft's files), which applies to the base named by ``model``.
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on GPU, gloo on
 CPU); only rank 0 writes files or prints.
 """
@@ -47,6 +51,7 @@ from tinyvlm.training.progress import MetricsLog, Progress
 
 METRICS = "metrics.jsonl"
 FINAL = "model"
+ADAPTER = "adapter"
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -76,28 +81,39 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
             config.encoder, config.decoder, config.projector,
             pretrained=config.pretrained, dtype=torch.float32, device=device,
         )
-    return open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device)
+    lora = config.lora_settings
+    if lora is None:
+        return open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device)
+    from tinyvlm.lora.adapter import add_lora, rebuildable_base
+
+    base, revision = rebuildable_base(config.model, pretrained=config.pretrained, full_parts=config.parts)
+    vlm = open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device)
+    return add_lora(vlm, lora, full_parts=config.parts, base_name=base, base_revision=revision)
 
 
-def freeze(vlm: nn.Module, parts: Sequence[str]) -> None:
-    """Parts not in ``parts`` stop requiring gradients and go to eval mode; the others train."""
+def freeze(vlm: nn.Module, parts: Sequence[str], lora_parts: Sequence[str] = ()) -> None:
+    """Parts not in ``parts`` stop requiring gradients and go to eval mode; the others train. Parts in
+    ``lora_parts`` train too, with only their LoRA weights requiring gradients (as `add_lora` left them)."""
     for part in PARTS:
         module: nn.Module = getattr(vlm, part)
-        module.requires_grad_(part in parts)
-        module.train(part in parts)
+        if part not in lora_parts:
+            module.requires_grad_(part in parts)
+        module.train(part in parts or part in lora_parts)
 
 
 def param_groups(vlm: nn.Module, config: TrainConfig, lrs: dict[str, float]) -> list[dict[str, Any]]:
-    """Two AdamW groups per trained part: matrices with weight decay, norms / biases / vectors without."""
+    """Two AdamW groups per trained part: matrices with weight decay, norms / biases / vectors without (a
+    LoRA-adapted part's groups, ``decoder.lora``, hold its LoRA weights)."""
     groups = []
     seen: set[int] = set()
-    for part in config.parts:
+    for part in config.trained_parts:
         params = [p for p in getattr(vlm, part).parameters() if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         lr = lrs[part]
-        for name, members, wd in ((part, decay, config.weight_decay), (f"{part}.no_decay", no_decay, 0.0)):
+        label = part if part in config.parts else f"{part}.lora"
+        for name, members, wd in ((label, decay, config.weight_decay), (f"{label}.no_decay", no_decay, 0.0)):
             if members:
                 groups.append({"name": name, "params": members, "lr": lr, "peak_lr": lr, "weight_decay": wd})
     if not groups:
@@ -167,12 +183,14 @@ def evaluate(
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What `train` returns: where the model went and the last figures."""
+    """What `train` returns: where the model went (``model_dir``; with LoRA the adapter, ``adapter_dir``,
+    and ``model_dir`` None) and the last figures."""
 
-    model_dir: Path
+    model_dir: Path | None
     steps: int
     final_loss: float
     metrics: dict[str, float]
+    adapter_dir: Path | None = None
 
 
 def train(**options: Any) -> TrainResult:
@@ -210,7 +228,8 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
 
     vlm = build_model(config, processes.device)
     settings = config.resolved(vlm.config.training, vlm.decoder.config.max_position_embeddings)
-    freeze(vlm, config.parts)
+    lora = config.lora_settings
+    freeze(vlm, config.parts, lora.parts if lora is not None else ())
     processor = vlm.processor
     encode = dict(encode=processor.encode_example, max_length=settings.max_length,
                   needs_image_sizes=processor.tokens.split_images)
@@ -250,9 +269,11 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     def loader(index_lists: Iterator[list[int]], dataset: ExampleDataset) -> Iterator[Batch]:
+        # Its own generator: a loader seeded from the global RNG would draw from it when created, which on
+        # resume happens after the checkpoint's RNG state is restored (dropout masks would then differ).
         return iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=list(index_lists), collate_fn=collator, num_workers=config.workers,
-            pin_memory=processes.device.type == "cuda",
+            pin_memory=processes.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
         ))
 
     train_set = ExampleDataset(train_examples, processor.pixel_values)
@@ -321,6 +342,16 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         last_eval = run_eval()
         metrics.write(step=max_steps, **last_eval)
         progress.message(_eval_line(max_steps, last_eval))
+    if lora is not None:
+        from tinyvlm.lora.adapter import save_adapter
+
+        adapter_dir = output / ADAPTER
+        if processes.main:
+            save_adapter(vlm, adapter_dir)
+            progress.message(f"saved the LoRA adapter to {adapter_dir} (load it with "
+                             f"tinyvlm.load_vlm({config.model!r}, adapter='{adapter_dir}'))")
+        processes.barrier()
+        return TrainResult(model_dir=None, steps=max_steps, final_loss=loss, metrics=last_eval, adapter_dir=adapter_dir)
     model_dir = output / FINAL
     if processes.main:
         vlm.save_pretrained(model_dir)

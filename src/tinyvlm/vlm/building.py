@@ -124,11 +124,37 @@ def recipe_config(
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_vlm(name: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> VLM:
+def load_vlm(
+    name: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> VLM:
     """A saved or trained VLM, ready for inference: a folder written by `VLM.save_pretrained` (a path or
     ``local-dir:PATH``), a Hub repo (``hf-hub:ORG/NAME[@REV]``) or a trained zoo entry, in any layout the
-    registry reads (tinyvlm, SmolVLM / Idefics3, nanoVLM). Built on the meta device and loaded strictly."""
-    return read_vlm(vlm_source(str(name)), dtype=dtype, device=device).prepare_for_inference()
+    registry reads (tinyvlm, SmolVLM / Idefics3, nanoVLM). Built on the meta device and loaded strictly.
+
+    ``adapter``: a LoRA adapter folder (``tinyvlm train --lora``, or peft's ``save_pretrained``) applied to
+    that base, unmerged (`tinyvlm.lora.adapter.merge_adapter` folds it in). With an adapter the base may also
+    be a recipe, rebuilt from its parts' pretrained weights, when the adapter holds its trained projector."""
+    if adapter is None:
+        return read_vlm(vlm_source(str(name)), dtype=dtype, device=device).prepare_for_inference()
+    return with_adapter(str(name), adapter, dtype=dtype, device=device).prepare_for_inference()
+
+
+def with_adapter(name: str, adapter: str | Path, *, dtype: torch.dtype | None, device: torch.device | str | None) -> VLM:
+    """The base ``name`` (a checkpoint, or a recipe built from pretrained parts) with the LoRA ``adapter``
+    injected and loaded (no inference step)."""
+    from tinyvlm.lora.adapter import load_adapter, read_adapter_config
+
+    saved = read_adapter_config(adapter).modules_to_save or []
+    if not resolve(name, "vlm").has_files and "projector" not in saved:
+        raise ConfigError(
+            f"{name!r} is a recipe, whose projector is freshly initialised, and the adapter {adapter} does not hold a "
+            "trained projector: give the saved VLM the adapter was trained on"
+        )
+    return load_adapter(open_vlm(name, dtype=dtype, device=device), adapter)
 
 
 def open_vlm(name: str, *, pretrained: bool = True, dtype: torch.dtype | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tinyvlm.config import Config
 
@@ -42,6 +42,18 @@ class ImageTokenConfig(Config):
     #: Views resized bilinearly and rescaled to [0, 1] without the encoder's mean / std (nanoVLM v0.1's
     #: ``Resize`` + ``ToTensor``) instead of the encoder's own preprocessing.
     rescale_only: bool = False
+
+    @model_validator(mode="after")
+    def _smolvlm_strings(self) -> "ImageTokenConfig":
+        fixed = {"image_token": "<image>", "global_image_token": "<global-img>", "tile_token": "<row_{row}_col_{col}>"}
+        wrong = {name: getattr(self, name) for name, value in fixed.items() if getattr(self, name) != value}
+        if self.layout == "smolvlm" and wrong:
+            raise ValueError(
+                f"the smolvlm layout writes SmolVLM's token strings ({', '.join(fixed.values())}); got "
+                f"{', '.join(f'{k}={v!r}' for k, v in wrong.items())}: pass "
+                + ", ".join(f"{k}={fixed[k]!r}" for k in wrong)
+            )
+        return self
 
     def marker_tokens(self) -> list[str]:
         """The tokens that are embedded like text (and so need embedding rows): global and tile markers."""

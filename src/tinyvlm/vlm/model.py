@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +84,17 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+        cls,
+        name: str | Path,
+        *,
+        adapter: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> "VLM":
         """`tinyvlm.load_vlm` under the name transformers users reach for."""
         from tinyvlm.vlm.building import load_vlm  # the loader builds VLMs, so it imports this module
 
-        return load_vlm(name, dtype=dtype, device=device)
+        return load_vlm(name, adapter=adapter, dtype=dtype, device=device)
 
     # ----------------------------------------------------------------------------------------- basics
 
@@ -264,9 +269,17 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ saving
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, layout: Literal["tinyvlm", "transformers"] = "tinyvlm") -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``folder``, atomically
-        (a temporary folder next to it, renamed into place once complete)."""
+        (a temporary folder next to it, renamed into place once complete). ``layout="transformers"`` writes
+        transformers' Idefics3 layout instead (`tinyvlm.export.save_idefics3`: SigLIP + Llama +
+        pixel-shuffle-linear VLMs with the smolvlm token layout)."""
+        if layout == "transformers":
+            from tinyvlm.export import save_idefics3
+
+            return save_idefics3(self, folder)
+        if layout != "tinyvlm":
+            raise ConfigError(f"layout={layout!r}: expected 'tinyvlm' or 'transformers'")
         return files.save_vlm(self, Path(folder))
 
     def push_to_hub(
