@@ -14,7 +14,8 @@ methods and its module names; each target ``nn.Linear`` becomes a peft ``lora.Li
   a custom module (``VLM`` of ``tinyvlm.vlm.model``).
 
 So ``PeftModel.from_pretrained(vlm, folder)`` reads a tinyvlm adapter, and `load_adapter` reads an adapter
-that peft saved for a tinyvlm VLM. `merge_adapter` folds ``W + scale * B A`` into each base layer
+that peft saved for a tinyvlm VLM. On a quantized base (QLoRA) the target layers are not ``nn.Linear``; they
+get `tinyvlm.lora.quantized.QuantLoraLinear`, peft's LoRA layer registered for their type. `merge_adapter` folds ``W + scale * B A`` into each base layer
 (``scale = alpha / r``, or ``alpha / sqrt(r)`` with rslora) and removes the LoRA layers.
 """
 
@@ -109,7 +110,7 @@ def add_lora(
     if unknown:
         raise ConfigError(f"full_parts {unknown}: the parts of a VLM are {', '.join(VLM_PARTS)}")
     modules = dict(vlm.named_modules())
-    names = [name for name in settings.target_modules(modules) if isinstance(modules[name], nn.Linear)]
+    names = [name for name in settings.target_modules(modules) if is_linear(modules[name])]
     if not names:
         raise ConfigError(
             f"LoRA targets {','.join(settings.targets)} match no linear layer of the {' and '.join(settings.parts)}"
@@ -127,6 +128,7 @@ def add_lora(
         base_model_name_or_path=base_name,
         revision=base_revision,
     )
+    register_quantized_layers(config, vlm)
     peft.inject_adapter_in_model(config, vlm, adapter_name=ADAPTER_NAME)
     # Recorded for the files only: peft would otherwise wrap these parts in copies (ModulesToSaveWrapper).
     config.modules_to_save = [part for part in VLM_PARTS if part in full_parts] or None
@@ -166,6 +168,29 @@ def rebuildable_base(name: str, *, pretrained: bool, full_parts: Sequence[str]) 
     return name, None
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a layer standing for one (a quantized linear: integer ``in_features`` and
+    ``out_features``, computing ``x W^T (+ b)``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return all(isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features"))
+
+
+def register_quantized_layers(config: Any, vlm: nn.Module) -> None:
+    """Give the quantized linears of ``vlm`` (if any) peft's LoRA layer, registered in ``config`` by type."""
+    kinds = {type(m) for m in vlm.modules() if is_linear(m) and not isinstance(m, nn.Linear) and not is_lora_layer(m)}
+    if kinds:
+        from tinyvlm.lora.quantized import QuantLoraLinear
+
+        config._register_custom_module({kind: QuantLoraLinear for kind in kinds})
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts (a tied tensor counted once)."""
     params = list(module.parameters())
@@ -180,7 +205,10 @@ def adapter_state_dict(vlm: nn.Module) -> dict[str, Tensor]:
     ``get_peft_model_state_dict``) and the full parts, all behind ``base_model.model.``."""
     from peft import get_peft_model_state_dict
 
-    tensors = {PREFIX + key: value for key, value in get_peft_model_state_dict(vlm, adapter_name=ADAPTER_NAME).items()}
+    # save_embedding_layers="auto" (peft's default) would look the base up on the Hub to see whether its
+    # vocabulary changed; LoRA never targets embeddings here (full parts are saved below).
+    lora = get_peft_model_state_dict(vlm, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+    tensors = {PREFIX + key: value for key, value in lora.items()}
     for part in saved_parts(vlm):
         for key, value in getattr(vlm, part).state_dict().items():
             tensors[f"{PREFIX}{part}.{key}"] = value
@@ -270,6 +298,7 @@ def load_adapter(vlm: "VLM", folder: str | Path) -> "VLM":
     # peft does, no LoRA layer goes inside them.
     injected.modules_to_save = None
     injected.exclude_modules = _excluding(config.exclude_modules, parts)
+    register_quantized_layers(injected, vlm)
     try:
         peft.inject_adapter_in_model(injected, vlm, adapter_name=ADAPTER_NAME)
     except ValueError as error:  # peft's "Target modules ... not found in the base model"

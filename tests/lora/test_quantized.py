@@ -1,0 +1,104 @@
+"""QLoRA composition (`tinyvlm.lora.quantized`): LoRA on a base whose linears are weight-only quantized layers
+(not ``nn.Linear``). The quantized layer here is a stand-in with the interface of one (int8 weights with
+per-output-channel scales, ``in_features`` / ``out_features``); the adapter trains, saves and loads on it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tinyvlm
+from tinyvlm.errors import ConfigError
+from tinyvlm.lora.adapter import add_lora, lora_layers, merge_adapter, save_adapter
+from tinyvlm.lora.settings import LoraSettings
+
+pytest.importorskip("peft")
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8: ``x (scale * W_int8)^T + b``, symmetric per-output-channel scales."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+        self.register_buffer("weight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+def quantized(vlm):
+    """A copy of ``vlm`` whose decoder block linears are `Int8Linear`."""
+    vlm = copy.deepcopy(vlm)
+    for name, module in list(vlm.decoder.named_modules()):
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}":
+            parent, _, leaf = name.rpartition(".")
+            setattr(vlm.decoder.get_submodule(parent), leaf, Int8Linear(module))
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    vlm = tinyvlm.build_vlm("test-vlm", dtype=torch.float32)
+    with torch.no_grad():
+        for weight in vlm.decoder.parameters():
+            if weight.dim() == 2:
+                weight.normal_(std=0.2)
+    return vlm.save_pretrained(tmp_path_factory.mktemp("base") / "model")
+
+
+def test_lora_trains_saves_and_loads_on_a_quantized_base(base: Path, tmp_path: Path) -> None:
+    fp = tinyvlm.load_vlm(base)
+    q = quantized(fp)
+    ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = q(ids).logits
+    assert not torch.equal(before, fp(ids).logits)  # really quantized
+    add_lora(q, LoraSettings(rank=4, targets=("q", "v", "down")))
+    layers = lora_layers(q)
+    assert len(layers) == 3 * q.decoder.config.num_layers
+    assert {type(layer).__name__ for layer in layers.values()} == {"QuantLoraLinear"}
+    assert all(isinstance(layer.get_base_layer(), Int8Linear) for layer in layers.values())
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, before)  # B = 0
+
+    int8_before = {n: b.clone() for n, b in q.named_buffers() if b.dtype == torch.int8}
+    trainable = [p for p in q.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(3):
+        loss = F.cross_entropy(q(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(b, int8_before[n]) for n, b in q.named_buffers() if b.dtype == torch.int8)
+    assert any(p.abs().max() > 0 for n, p in q.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        trained = q(ids).logits
+    assert not torch.equal(trained, before)
+
+    folder = save_adapter(q, tmp_path / "adapter")
+    again = quantized(fp)  # a fresh quantized base
+    from tinyvlm.lora.adapter import load_adapter
+
+    load_adapter(again, folder)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, trained)
+    with pytest.raises(ConfigError, match="merge it into the full-precision base"):
+        merge_adapter(again)
+
+    # the usual QLoRA deployment: the adapter applies to (and merges into) the full-precision base
+    merged = merge_adapter(tinyvlm.load_vlm(base, adapter=folder))
+    with torch.no_grad():
+        full = merged(ids).logits
+    assert not torch.equal(full, fp(ids).logits)
+    assert ((full - trained).abs().max() / trained.abs().max()).item() < 0.05  # only the int8 rounding differs
