@@ -40,7 +40,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,13 +83,9 @@ def processor_chat_template(template: str) -> str:
 
 def idefics3_problems(vlm: "VLM") -> list[str]:
     """Why ``vlm`` cannot be written as an Idefics3 model (empty when it can)."""
-    from tinyvlm.lora.adapter import has_adapter
-
     parts, tokens = vlm.config.parts, vlm.config.image_tokens
     assert parts is not None
-    problems = []
-    if has_adapter(vlm):
-        problems.append("it carries a LoRA adapter: merge it first (tinyvlm merge, or tinyvlm.lora.adapter.merge_adapter)")
+    problems = weight_problems(vlm)
     if parts.encoder.family_name != "siglip":
         problems.append(f"its {parts.encoder.family_name} encoder is not SigLIP, Idefics3's vision tower (DINOv3 has "
                         "CLS and register tokens, RoPE and layer scale)")
@@ -102,11 +98,25 @@ def idefics3_problems(vlm: "VLM") -> list[str]:
                         "pixel-shuffle-linear: Idefics3's connector is a pixel shuffle and one bias-free Linear")
     if tokens.layout != "smolvlm":
         problems.append(f"its image tokens use the {tokens.layout} layout ({tokens.image_token!r} runs, the global "
-                        "view first), which Idefics3Processor cannot write: build the VLM with "
-                        "processor_kwargs={'layout': 'smolvlm'} to export it")
+                        "view first), which Idefics3Processor cannot write: build the VLM with processor_kwargs="
+                        "{'layout': 'smolvlm', 'image_token': '<image>', 'global_image_token': '<global-img>'} to "
+                        "export it")
     grid = vlm.image_grid
     if grid[0] != grid[1]:
         problems.append(f"its encoder's {grid[0]}x{grid[1]} patch grid is not square (Idefics3 shuffles square grids)")
+    return problems
+
+
+def weight_problems(module: nn.Module) -> list[str]:
+    """Weights that transformers' layouts cannot hold: an unmerged LoRA adapter, quantized linears."""
+    from tinyvlm.lora.adapter import has_adapter, quantized_linear_types
+
+    problems = []
+    if has_adapter(module):
+        problems.append("it carries a LoRA adapter: merge it first (tinyvlm merge, or tinyvlm.lora.adapter.merge_adapter)")
+    quantized = sorted(kind.__name__ for kind in quantized_linear_types(module))
+    if quantized:
+        problems.append(f"its linears are quantized ({', '.join(quantized)}): export the full-precision model")
     return problems
 
 
@@ -124,7 +134,7 @@ def idefics3_key(key: str) -> str:
     for pattern, replacement in rules:
         if re.fullmatch(pattern, key):
             return re.sub(pattern, replacement, key)
-    raise ConfigError(f"internal: no Idefics3 name for the tensor {key!r}")
+    raise ConfigError(f"no Idefics3 name for the tensor {key!r}")
 
 
 def padded_rows(tensor: Tensor, rows: int) -> Tensor:
@@ -204,7 +214,7 @@ def save_idefics3(vlm: "VLM", folder: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------- decoders
 
 
-def generation_config(config: Any, *, suppress: list[int] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+def generation_config(config: Any, *, suppress: Sequence[int] = ()) -> dict[str, Any]:
     """``generation_config.json``: the decoder's special ids (stop ids as a list when several)."""
     from tinyvlm.decoders.base import hf_token_value
 
@@ -219,11 +229,11 @@ def save_hf_decoder(decoder: nn.Module, folder: str | Path, tokenizer: Tokenizer
     """Write a decoder as a transformers ``LlamaForCausalLM`` / ``Gemma3ForCausalLM`` folder (``config.json``,
     ``model.safetensors`` with ``model.``-prefixed names and ``lm_head.weight`` when untied,
     ``generation_config.json``, and the tokenizer with ``chat_template.jinja`` when given), atomically."""
-    from tinyvlm.lora.adapter import has_adapter
     from tinyvlm.vlm.files import unique_tensors
 
-    if has_adapter(decoder):
-        raise ConfigError("this decoder carries a LoRA adapter: merge it first")
+    problems = weight_problems(decoder)
+    if problems:
+        raise ConfigError("cannot export this decoder to the transformers layout: " + "; ".join(problems))
     family = decoder.config.family
     if family not in DECODER_ARCHITECTURES:
         raise ConfigError(f"no transformers layout for the {family} decoder family (exported: {', '.join(DECODER_ARCHITECTURES)})")

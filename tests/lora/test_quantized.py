@@ -102,3 +102,14 @@ def test_lora_trains_saves_and_loads_on_a_quantized_base(base: Path, tmp_path: P
         full = merged(ids).logits
     assert not torch.equal(full, fp(ids).logits)
     assert ((full - trained).abs().max() / trained.abs().max()).item() < 0.05  # only the int8 rounding differs
+
+
+def test_quantized_weights_do_not_export(base: Path, tmp_path: Path) -> None:
+    from tinyvlm.export import save_hf_decoder, save_idefics3
+
+    q = quantized(tinyvlm.load_vlm(base))
+    with pytest.raises(ConfigError, match=r"linears are quantized \(Int8Linear\)"):
+        save_idefics3(q, tmp_path / "vlm")
+    add_lora(q, LoraSettings(rank=2))
+    with pytest.raises(ConfigError, match=r"LoRA adapter: merge it first .*; its linears are quantized \(Int8Linear\):"):
+        save_hf_decoder(q.decoder, tmp_path / "decoder")

@@ -25,6 +25,7 @@ import copy
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -63,8 +64,16 @@ def require_peft() -> ModuleType:
 
 
 def has_adapter(module: nn.Module) -> bool:
-    """Whether LoRA layers have been injected into ``module`` (and not merged)."""
-    return bool(getattr(module, "peft_config", None))
+    """Whether ``module`` (a VLM or one of its parts) holds LoRA layers (injected and not merged)."""
+    return bool(getattr(module, "peft_config", None)) or any(is_lora_layer(m) for m in module.modules())
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # no peft layer exists before peft is imported (and peft stays optional)
+        return False
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
 
 
 def adapter_config(vlm: nn.Module) -> Any:
@@ -76,9 +85,7 @@ def adapter_config(vlm: nn.Module) -> Any:
 
 def lora_layers(module: nn.Module) -> dict[str, nn.Module]:
     """The peft LoRA layers of ``module`` by name (the name of the layer they replaced)."""
-    from peft.tuners.lora import LoraLayer
-
-    return {name: sub for name, sub in module.named_modules() if isinstance(sub, LoraLayer)}
+    return {name: sub for name, sub in module.named_modules() if is_lora_layer(sub)}
 
 
 def saved_parts(vlm: nn.Module) -> list[str]:
@@ -116,8 +123,7 @@ def add_lora(
             f"LoRA targets {','.join(settings.targets)} match no linear layer of the {' and '.join(settings.parts)}"
         )
     pattern = target_pattern(names)
-    if [name for name in modules if re.fullmatch(pattern, name)] != names:
-        raise ConfigError(f"internal: LoRA target pattern {pattern!r} does not match exactly the chosen layers")
+    assert [name for name in modules if re.fullmatch(pattern, name)] == names, f"{pattern} matches other layers"
     config = peft.LoraConfig(
         r=settings.rank,
         lora_alpha=settings.lora_alpha,
@@ -176,19 +182,18 @@ def is_linear(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, name, None), int) for name in ("in_features", "out_features"))
 
 
+def quantized_linear_types(module: nn.Module) -> set[type]:
+    """The types of the linear-like layers of ``module`` that are not ``nn.Linear`` (nor peft's LoRA layers)."""
+    return {type(m) for m in module.modules() if is_linear(m) and not isinstance(m, nn.Linear) and not is_lora_layer(m)}
+
+
 def register_quantized_layers(config: Any, vlm: nn.Module) -> None:
     """Give the quantized linears of ``vlm`` (if any) peft's LoRA layer, registered in ``config`` by type."""
-    kinds = {type(m) for m in vlm.modules() if is_linear(m) and not isinstance(m, nn.Linear) and not is_lora_layer(m)}
+    kinds = quantized_linear_types(vlm)
     if kinds:
         from tinyvlm.lora.quantized import QuantLoraLinear
 
         config._register_custom_module({kind: QuantLoraLinear for kind in kinds})
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return isinstance(module, LoraLayer)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
