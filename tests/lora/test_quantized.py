@@ -32,8 +32,26 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+        return FrozenProduct.apply(x, self)
+
+
+class FrozenProduct(torch.autograd.Function):
+    """The product computed without autograd (as an integer kernel without a derivative would), and the input
+    gradient ``dy W`` from the dequantized weight: what a quantized layer must give for QLoRA."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        with torch.no_grad():
+            return F.linear(x, layer.dequantize().to(x.dtype), layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None
 
 
 def quantized(vlm):
@@ -113,3 +131,38 @@ def test_quantized_weights_do_not_export(base: Path, tmp_path: Path) -> None:
     add_lora(q, LoraSettings(rank=2))
     with pytest.raises(ConfigError, match=r"LoRA adapter: merge it first .*; its linears are quantized \(Int8Linear\):"):
         save_hf_decoder(q.decoder, tmp_path / "decoder")
+
+
+def test_gradients_through_the_quantized_base_equal_those_of_its_dequantized_weights(base: Path) -> None:
+    """The quantized kernels have no derivative: the gradient reaching earlier layers is dy W with W dequantized,
+    the same as through a float layer holding the dequantized weights."""
+    q = quantized(tinyvlm.load_vlm(base))
+    plain = copy.deepcopy(q)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, Int8Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, leaf = name.rpartition(".")
+            setattr(plain.get_submodule(parent), leaf, linear)
+    settings = LoraSettings(rank=4, targets=("q", "o", "up"))
+    for model in (q, plain):
+        torch.manual_seed(3)
+        add_lora(model, settings)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (q, plain):
+        loss = F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".lora_" in n})
+    assert grads[0].keys() == grads[1].keys()
+    first = "decoder.layers.0.self_attn.q_proj.lora_A.default.weight"  # reached only through layer 1's base layers
+    assert grads[0][first].abs().max() > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)

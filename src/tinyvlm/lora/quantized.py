@@ -3,13 +3,15 @@
 
 peft adapts ``nn.Linear`` (and bitsandbytes' layers) itself; any other layer type needs a LoRA class
 registered for it (``LoraConfig._register_custom_module``). `QuantLoraLinear` is peft's own ``lora.Linear``:
-its forward, ``base_layer(x) + scale * B(A(dropout(x)))``, never reads the base weight, so it runs unchanged on
-a quantized base (A and B stay in floating point: the adapter trains in full precision, the base stays
-quantized and frozen). What it cannot do is fold ``B A`` into integer weights: merging an adapter trained on a
-quantized base is done into the full-precision base (``tinyvlm merge`` loads it unquantized).
+its forward, ``base_layer(x) + scale * B(A(dropout(x)))``, never reads the base weight, so it runs unchanged
+on a quantized base. A and B stay in floating point: the adapter trains in full precision, the base stays
+quantized and frozen. What it cannot do is fold ``B A`` into integer weights: an adapter trained on a quantized
+base is merged into the full-precision base (``tinyvlm merge`` loads it unquantized).
 
 A base layer qualifies when it has integer ``in_features`` and ``out_features`` and computes ``x W^T (+ b)``
-(`tinyvlm.lora.adapter.is_linear`); `tinyvlm.lora.adapter.register_quantized_layers` registers this class for it.
+(`tinyvlm.lora.adapter.is_linear`; `tinyvlm.lora.adapter.register_quantized_layers` registers this class for
+it). Training needs every quantized layer on the backward path (adapted or not, the LM head included) to pass
+gradients to its input, ``dx = dy W``, although its quantized kernel has no derivative.
 """
 
 from __future__ import annotations
