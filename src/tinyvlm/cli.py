@@ -65,6 +65,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_merge_parser(commands)
     add_export_parser(commands)
     add_demo_parser(commands)
+    add_serve_parser(commands, with_flags=command == "serve")
     return parser
 
 
@@ -445,6 +446,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tinyvlm.demo import run_demo
 
     run_demo(steps=args.steps, seed=args.seed, output=args.output)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- serving
+
+
+def add_serve_parser(commands: argparse._SubParsersAction, *, with_flags: bool) -> None:
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible chat-completions server (needs tinyvlm[serve])",
+        description="Serve a VLM over OpenAI's chat-completions API (GET /v1/models, POST /v1/chat/completions, "
+        "streaming, images as data: or http(s) URLs), batching concurrent requests. Any OpenAI client connects "
+        "with base_url http://HOST:PORT/v1. See docs/serving.md.",
+    )
+    serve.set_defaults(handler=cmd_serve)
+    if with_flags:  # pydantic is imported only for this command (list-models stays fast)
+        from tinyvlm.serve.config import ServeConfig
+
+        source = serve.add_mutually_exclusive_group(required=True)
+        source.add_argument("--model", help="saved VLM folder, local-dir:PATH, hf-hub:ORG/NAME or a VLM recipe key; "
+                            "clients ask for the model by this name")
+        source.add_argument("--encoder", help="vision encoder name (with --decoder; the projector is untrained)")
+        serve.add_argument("--decoder", help="language decoder name (with --encoder)")
+        serve.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-mlp)")
+        serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+        add_config_flags(serve, ServeConfig)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tinyvlm.serve import require_server_stack
+
+    require_server_stack()  # before the model is loaded
+    from tinyvlm.devices import check_device, default_device
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.serve.app import run
+    from tinyvlm.serve.config import ServeConfig
+    from tinyvlm.vlm.building import build_vlm, open_vlm
+
+    config = validated(ServeConfig, given_options(args, ServeConfig))
+    device = check_device(args.device) or default_device()
+    if args.model:
+        if args.decoder or args.projector:
+            raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
+        name, vlm = args.model, open_vlm(args.model, device=device)
+    else:
+        if not args.decoder:
+            raise ConfigError("--encoder needs --decoder (or use --model)")
+        name = f"{args.encoder}+{args.decoder}"
+        vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device)
+    run(vlm.prepare_for_inference(), name, config)
     return 0
 
 
