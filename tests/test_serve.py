@@ -33,7 +33,7 @@ from PIL import Image
 
 from tinyvlm.cli import main
 from tinyvlm.errors import ConfigError
-from tinyvlm.serve.app import create_app
+from tinyvlm.serve.app import create_app, listening_socket
 from tinyvlm.serve.config import ServeConfig
 from tinyvlm.vlm.building import build_vlm, open_vlm
 
@@ -81,7 +81,7 @@ class ServerThread:
     def __init__(self, app: Any) -> None:
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
-        sock = config.bind_socket()
+        sock = listening_socket(config)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
