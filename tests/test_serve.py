@@ -229,25 +229,31 @@ def test_streamed_pieces_join_to_the_answer(client: openai.OpenAI) -> None:
     assert all(c.choices and c.usage is None for c in plain)
 
 
-def test_stop_strings_cut_the_answer(client: openai.OpenAI) -> None:
+def test_stop_strings_cut_the_answer(client: openai.OpenAI, vlm) -> None:
     messages = user("Name three rivers.")
     full = ask(client, messages, max_tokens=20).choices[0].message.content
     stop = full[8:11]
     assert stop and stop not in full[:8]
     reply = ask(client, messages, max_tokens=20, stop=[stop, "never appears \u2603"])
     assert reply.choices[0].message.content == full[:8] and reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == vlm.generate(messages, max_new_tokens=20, stop=[stop])
     assert reply.usage.completion_tokens < 20
     streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, messages, max_tokens=20, stop=stop, stream=True))
     assert streamed == full[:8]
 
 
-def test_sampling_with_a_seed_is_reproducible(client: openai.OpenAI) -> None:
+def test_sampling_options_are_the_library_s(client: openai.OpenAI, vlm) -> None:
     messages = user("Surprise me.")
-    first = ask(client, messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=16).choices[0].message.content
-    again = ask(client, messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=16).choices[0].message.content
-    other = ask(client, messages, temperature=1.0, top_p=0.9, seed=8, max_tokens=16).choices[0].message.content
-    greedy = ask(client, messages, max_tokens=16).choices[0].message.content
-    assert first == again and first != other and first != greedy
+    options = dict(temperature=1.0, top_p=0.9, seed=7)
+    first = ask(client, messages, max_tokens=16, **options).choices[0].message.content
+    assert first == vlm.generate(messages, max_new_tokens=16, **options)  # the seed reproduces the library's sample
+    assert first == ask(client, messages, max_tokens=16, **options).choices[0].message.content
+    assert first != ask(client, messages, max_tokens=16, **{**options, "seed": 8}).choices[0].message.content
+    top_k = ask(client, messages, max_tokens=16, temperature=0.7, seed=1, extra_body={"top_k": 5})
+    assert top_k.choices[0].message.content == vlm.generate(messages, max_new_tokens=16, temperature=0.7, seed=1, top_k=5)
+    penalized = ask(client, messages, max_tokens=16, extra_body={"repetition_penalty": 0.5})  # < 1 favours repeats
+    expected = vlm.generate(messages, max_new_tokens=16, repetition_penalty=0.5)
+    assert penalized.choices[0].message.content == expected != vlm.generate(messages, max_new_tokens=16)
 
 
 # -------------------------------------------------------------------------------------------- concurrency
@@ -283,6 +289,32 @@ def test_concurrent_requests_are_batched_and_equal_to_single_answers(client, ser
         assert batched.choices[0].finish_reason == single.choices[0].finish_reason
         assert batched.usage == single.usage
     assert len({r.choices[0].message.content for r in together}) == 8
+
+
+def test_batches_share_sampling_settings_and_seeded_requests_run_alone(client, server, vlm, monkeypatch) -> None:
+    greedy = [dict(messages=user(f"Greedy {k}"), max_tokens=6 + k) for k in range(3)]
+    seeded = [dict(messages=user(f"Seeded {k}"), max_tokens=6, temperature=0.8, seed=k) for k in range(2)]
+    sampled = [dict(messages=user(f"Sampled {k}"), max_tokens=6, temperature=0.8, top_p=0.9) for k in range(2)]
+    mixed = [greedy[0], seeded[0], sampled[0], greedy[1], seeded[1], sampled[1], greedy[2]]
+    before = health(server)
+    with busy_model(vlm, monkeypatch) as (entered, release), ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(ask, client, user("hold"), max_tokens=1)
+        assert entered.wait(TIMEOUT)
+        futures = []
+        for k, request in enumerate(mixed):  # queued in this order
+            futures.append(pool.submit(ask, client, **request))
+            wait_for(lambda: health(server)["waiting"] == k + 1, f"{k + 1} waiting requests")
+        release.set()
+        replies = [f.result(timeout=TIMEOUT) for f in futures]
+        blocker.result(timeout=TIMEOUT)
+    after = health(server)
+    # the blocker; the greedy three together; each seeded request alone; the two unseeded samples together
+    assert after["batches"] - before["batches"] == 1 + 1 + 2 + 1
+    for request, reply in zip(mixed, replies):
+        options = {k: v for k, v in request.items() if k in ("temperature", "seed")}
+        if "seed" in options or "temperature" not in options:  # reproducible: the library gives the same answer
+            expected = vlm.generate(request["messages"], max_new_tokens=request["max_tokens"], **options)
+            assert reply.choices[0].message.content == expected
 
 
 def test_a_slow_reader_does_not_hold_up_others(client: openai.OpenAI) -> None:
@@ -428,6 +460,7 @@ BAD_REQUESTS = {
     "top_p above 1": (dict(temperature=1.0, top_p=1.5), "top_p", "less than or equal to 1"),
     "top_k 0": (dict(extra_body={"top_k": 0}), "top_k", "greater than or equal to 1"),
     "negative seed": (dict(seed=-1), "seed", "greater than or equal to 0"),
+    "repetition_penalty 0": (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty", "greater than 0"),
     "empty stop": (dict(stop=[""]), "stop", "must not be empty"),
     "five stops": (dict(stop=list("abcde")), "stop", "at most 4"),
     "n 2": (dict(n=2), "n", "not supported"),

@@ -167,7 +167,8 @@ async def prepare(chat: ChatRequest, engine: Engine, limits: ImageLimits, config
     values = dict(
         max_new_tokens=room if limit is None else limit,
         temperature=0.0 if chat.temperature is None else chat.temperature,
-        top_k=chat.top_k, top_p=chat.top_p, seed=chat.seed, stop=chat.stop,
+        top_k=chat.top_k, top_p=chat.top_p, repetition_penalty=chat.repetition_penalty, seed=chat.seed,
+        stop=chat.stop,
     )  # fmt: skip
     return Job(prompt=prompt, images=images, prompt_tokens=prompt_tokens, sampling=sampling_config(values),
                loop=asyncio.get_running_loop())

@@ -102,7 +102,8 @@ class ChatRequest(_Model):
     max_tokens: int | None = Field(None, ge=1)  # the older name of max_completion_tokens
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # vLLM's extension, as tinyvlm.generate takes it
+    top_k: int | None = None  # vLLM's extensions, as tinyvlm's generate takes them
+    repetition_penalty: float | None = None
     stop: Union[str, list[str], None] = None
     seed: int | None = None
     stream: bool = False
