@@ -484,6 +484,16 @@ def test_bad_input_answers_400_with_an_openai_error(client: openai.OpenAI, case:
     assert "Traceback" not in body["message"]
 
 
+def test_a_prompt_filling_the_context_leaves_no_room(client: openai.OpenAI, vlm) -> None:
+    short = [{"role": "user", "content": "a"}]
+    words = 2048 - len(vlm.processor.encode_prompt(short)[0])  # " a" is one token of this tokenizer
+    messages = [{"role": "user", "content": "a" + " a" * words}]
+    assert len(vlm.processor.encode_prompt(messages)[0]) == 2048
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages)
+    assert info.value.body["param"] == "messages" and "no room for an answer" in info.value.body["message"]
+
+
 def test_an_unknown_model_answers_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=user("Hi"), max_tokens=2)

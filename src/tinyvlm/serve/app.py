@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -42,13 +41,16 @@ from tinyvlm.serve.protocol import (
     usage,
 )
 
-log = logging.getLogger("tinyvlm.serve")
+if TYPE_CHECKING:
+    import uvicorn
+
+    from tinyvlm.vlm.model import VLM
 
 #: OpenAI's names of the sampling fields, where tinyvlm's differ.
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
 
 
-def create_app(vlm: Any, name: str, config: ServeConfig | None = None):
+def create_app(vlm: "VLM", name: str, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``vlm`` (prepared for inference) under the model id ``name``. The model's
     worker thread starts and stops with the app (its lifespan)."""
     config = config or ServeConfig()
@@ -74,8 +76,7 @@ def create_app(vlm: Any, name: str, config: ServeConfig | None = None):
         return JSONResponse(error_body(error.status_code, str(error.detail)), status_code=error.status_code)
 
     @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:  # Starlette re-raises it: logged
         return JSONResponse(error_body(500, f"internal error: {type(error).__name__}: {error}"), status_code=500)
 
     @app.get("/v1/models")
@@ -158,11 +159,13 @@ async def prepare(chat: ChatRequest, engine: Engine, limits: ImageLimits, config
         raise APIError(400, str(error), param="messages") from None
     room = engine.context - prompt_tokens
     limit = chat.answer_limit
-    if room < 1 or (limit is not None and limit > room):
+    context = f"the model's context is {engine.context} tokens and the prompt takes {prompt_tokens} (images included)"
+    if room < 1:
+        raise APIError(400, f"{context}, leaving no room for an answer; shorten the prompt", param="messages")
+    if limit is not None and limit > room:
         raise APIError(
-            400, f"the model's context is {engine.context} tokens and the prompt takes {prompt_tokens} (images "
-            f"included), leaving {max(room, 0)} for the answer; max_tokens is {limit}. Shorten the prompt or "
-            "lower max_tokens", param="max_tokens" if limit is not None and room >= 1 else "messages",
+            400, f"{context}, leaving {room} for the answer, but max_tokens is {limit}; lower it or shorten the "
+            "prompt", param="max_tokens",
         )
     values = dict(
         max_new_tokens=room if limit is None else limit,
@@ -214,14 +217,14 @@ async def stream_events(job: Job, chat: ChatRequest, engine: Engine, name: str) 
     with the finish reason; with ``stream_options.include_usage`` a last chunk without choices carries the
     usage. ``data: [DONE]`` ends the stream. An error after the stream has begun is sent as an error event
     (the openai client raises it). The client leaving cancels this generator, which stops the row."""
-    id, created = completion_id(), int(time.time())
+    answer_id, created = completion_id(), int(time.time())
     with_usage = chat.include_usage
 
     def event(body: dict[str, Any]) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def chunk(**fields: Any) -> str:
-        return event(chunk_body(id, name, created, with_usage_field=with_usage, **fields))
+        return event(chunk_body(answer_id, name, created, with_usage_field=with_usage, **fields))
 
     try:
         yield chunk(delta={"role": "assistant", "content": ""})
@@ -243,7 +246,7 @@ async def stream_events(job: Job, chat: ChatRequest, engine: Engine, name: str) 
         engine.cancel(job)
 
 
-def run(vlm: Any, name: str, config: ServeConfig | None = None) -> None:
+def run(vlm: "VLM", name: str, config: ServeConfig | None = None) -> None:
     """Serve ``vlm`` with uvicorn until interrupted (Ctrl-C)."""
     import uvicorn
 
@@ -255,7 +258,7 @@ def run(vlm: Any, name: str, config: ServeConfig | None = None) -> None:
     uvicorn.Server(server).run(sockets=[sock])
 
 
-def listening_socket(server: Any) -> socket.socket:
+def listening_socket(server: "uvicorn.Config") -> socket.socket:
     """The socket of a ``uvicorn.Config``, bound, with ``TCP_NODELAY``, which the connections it accepts
     inherit (Linux, BSD). Without it the headers and the body of an answer go out as two small writes, and
     the second waits for the client's delayed acknowledgement of the first: 40 ms per request."""

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from PIL import Image
@@ -36,6 +36,9 @@ from PIL import Image
 from tinyvlm.errors import TinyVLMError
 from tinyvlm.generation import SamplingConfig, TextStream, generate_tokens, stop_ids
 from tinyvlm.serve.protocol import APIError
+
+if TYPE_CHECKING:
+    from tinyvlm.vlm.model import VLM
 
 log = logging.getLogger("tinyvlm.serve")
 
@@ -101,7 +104,7 @@ class Job:
 class Engine:
     """The queue and the worker thread around one prepared VLM (``vlm.prepare_for_inference()`` done)."""
 
-    def __init__(self, vlm: Any, *, max_batch: int, max_queue: int, batch_wait: float) -> None:
+    def __init__(self, vlm: "VLM", *, max_batch: int, max_queue: int, batch_wait: float) -> None:
         self.vlm = vlm
         self.processor = vlm.processor  # built once, before threads share it
         self.context = vlm.decoder.config.max_position_embeddings
