@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -191,6 +192,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the server subprocess
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads here, {os.cpu_count()} CPUs, "

@@ -511,17 +511,22 @@ def test_unknown_routes_answer_an_openai_error(server: ServerThread) -> None:
 
 
 class ImageHost:
-    """A loopback web server: ``/cat.png`` is ``picture``, ``/slow.png`` sends a byte every 0.2 s, other paths 404."""
+    """A loopback web server: ``/cat.png`` is ``picture``, ``/big.png`` and ``/big-unsized.png`` (no
+    Content-Length) one over the byte limit, ``/slow.png`` sends a byte every 0.2 s, other paths 404."""
 
     def __init__(self, picture: bytes) -> None:
+        big = png((120, 120), seed=4)
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/cat.png":
+                if self.path in ("/cat.png", "/big.png", "/big-unsized.png"):
+                    body = picture if self.path == "/cat.png" else big
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(picture)))
+                    if self.path != "/big-unsized.png":
+                        self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(picture)
+                    self.wfile.write(body)
                 elif self.path == "/slow.png":
                     self.send_response(200)
                     self.end_headers()
@@ -561,6 +566,10 @@ def test_http_image_urls_are_fetched_when_online(client: openai.OpenAI, online) 
         with pytest.raises(openai.BadRequestError) as missing:
             ask(client, user((host.url + "/missing.png",), "What is it?"))
         assert "HTTP 404" in missing.value.body["message"] and "data: URL" in missing.value.body["message"]
+        for path in ("/big.png", "/big-unsized.png"):  # refused from the header, or while reading
+            with pytest.raises(openai.APIStatusError) as big:
+                ask(client, user((host.url + path,), "What is it?"))
+            assert big.value.status_code == 413 and "--max-image-bytes" in big.value.body["message"]
         started = time.monotonic()
         with pytest.raises(openai.BadRequestError) as slow:  # 40 bytes at 5 a second: past the 1 s limit
             ask(client, user((host.url + "/slow.png",), "What is it?"))

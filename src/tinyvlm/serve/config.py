@@ -24,7 +24,7 @@ class ServeConfig(BaseModel):
                                  "a batch once one is waiting")
     max_images: int = Field(8, ge=0, description="images per request at most (more are answered 400)")
     max_image_bytes: int = Field(20 * MIB, ge=1, description="encoded bytes of one image at most (more: 413)")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="width x height of one image at most (more: 413)")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="width x height of one image at most (more: 413)")
     image_fetch_timeout: float = Field(10.0, gt=0, description="seconds allowed to fetch one http(s) image URL")
 
     @property
