@@ -2,9 +2,9 @@
 static batches; the HTTP side (the event loop) only queues requests and reads their answers.
 
 Batching. A request waits in a queue of at most ``max_queue`` requests (one more is answered 429). When the
-worker is free and a request waits, it waits ``batch_wait_ms`` more for others (or until ``max_batch`` wait),
-then takes the oldest request and every waiting request that can share its batch, up to ``max_batch``, in
-arrival order. The batch runs as one left-padded generation on one preallocated KV cache
+worker is free and a request waits, it lets a burst of requests gather: it waits until none has come for
+``batch_wait_ms`` (so at most ``max_batch`` x ``batch_wait_ms``), or until ``max_batch`` wait; then it takes
+the oldest request and every waiting request that can share its batch, up to ``max_batch``, in arrival order. The batch runs as one left-padded generation on one preallocated KV cache
 (`tinyvlm.generation.generate_tokens`); requests that come meanwhile wait for the next batch (static
 batching: the cache is allocated per batch, for its rows, so rows cannot join a running batch).
 
@@ -114,6 +114,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
         self._stopping = False
+        self._last_arrival = 0.0
         self._thread: threading.Thread | None = None
         self.running = 0
         self.batches = 0
@@ -154,6 +155,7 @@ class Engine:
                     f"{self.max_queue}); retry later",
                 )
             self._waiting.append(job)
+            self._last_arrival = time.monotonic()
             self._lock.notify_all()
 
     def cancel(self, job: Job) -> None:
@@ -197,9 +199,8 @@ class Engine:
                     self._lock.wait()
                 if self._stopping:
                     return None
-                deadline = time.monotonic() + self.batch_wait
                 while len(self._waiting) < self.max_batch and not self._stopping:
-                    left = deadline - time.monotonic()
+                    left = self._last_arrival + self.batch_wait - time.monotonic()
                     if left <= 0:
                         break
                     self._lock.wait(left)
