@@ -317,6 +317,19 @@ def test_batches_share_sampling_settings_and_seeded_requests_run_alone(client, s
             assert reply.choices[0].message.content == expected
 
 
+def test_a_burst_of_requests_fills_batches_up_to_max_batch(vlm) -> None:
+    served = ServerThread(create_app(vlm, MODEL, ServeConfig(max_batch=4, batch_wait_ms=300)))
+    try:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+        with ThreadPoolExecutor(6) as pool:  # sent at once: far less than 300 ms apart
+            replies = list(pool.map(lambda k: ask(client, user(f"burst {k}"), max_tokens=4), range(6)))
+        assert all(r.choices[0].message.content for r in replies)
+        stats = health(served)
+        assert (stats["batches"], stats["largest_batch"], stats["answered"]) == (2, 4, 6)  # 4, then the other 2
+    finally:
+        served.close()
+
+
 def test_a_slow_reader_does_not_hold_up_others(client: openai.OpenAI) -> None:
     quick = user("A quick question.")
     expected = ask(client, quick, max_tokens=6).choices[0].message.content
