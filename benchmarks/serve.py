@@ -12,7 +12,8 @@ and send requests in a closed loop (the next as soon as the answer comes); ``1``
 for ``--rounds`` rounds, and between them the same questions are answered by ``vlm.generate`` in this process
 (the server idle), one at a time and as one batch of 8: the library's own figures under the same load. Prints
 requests/s, generated tokens/s (server: its ``usage`` counts), latency p50 / p90 and the mean batch size
-(server: from its ``/health`` counters). ``--threads`` sets ``OMP_NUM_THREADS`` for the server and ``torch.set_num_threads`` here.
+(server: from its ``/health`` counters). ``--threads`` sets ``OMP_NUM_THREADS`` for the server and
+``torch.set_num_threads`` here.
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def rate(runs: list[dict]) -> float:
+    return sum(r["requests"] for r in runs) / sum(r["wall"] for r in runs)
+
+
 def summarise(runs: list[dict]) -> str:
     wall = sum(r["wall"] for r in runs)
     requests = sum(r["requests"] for r in runs)
@@ -205,8 +210,8 @@ def main() -> None:
             prompts = questions(model, args.requests)
             run_clients(server, name, prompts[:2], 1, args.max_tokens)  # warm-up
             vlm.generate("warm up", max_new_tokens=4)
-            results: dict[str, list[dict]] = {k: [] for k in ("server, 1 client", "server, 8 clients",
-                                                              "library, one by one", "library, batches of 8")}  # fmt: skip
+            labels = ("server, 1 client", "server, 8 clients", "library, one by one", "library, batches of 8")
+            results: dict[str, list[dict]] = {label: [] for label in labels}
             for _ in range(args.rounds):
                 results["server, 1 client"].append(run_clients(server, name, prompts, 1, args.max_tokens))
                 results["library, one by one"].append(run_library(vlm, prompts, 1, args.max_tokens))
@@ -217,9 +222,8 @@ def main() -> None:
         print(f"\n{model} ({args.requests} requests x {args.rounds} rounds, load average {os.getloadavg()[0]:.2f})")
         for label, runs in results.items():
             print(f"  {label:22s} {summarise(runs)}")
-        one = sum(r["requests"] for r in results["server, 1 client"]) / sum(r["wall"] for r in results["server, 1 client"])
-        eight = sum(r["requests"] for r in results["server, 8 clients"]) / sum(r["wall"] for r in results["server, 8 clients"])
-        print(f"  8 clients / 1 client: x{eight / one:.2f} requests/s")
+        print(f"  8 clients / 1 client: x{rate(results['server, 8 clients']) / rate(results['server, 1 client']):.2f} "
+              "requests/s")
         del vlm
 
 

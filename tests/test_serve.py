@@ -238,8 +238,8 @@ def test_stop_strings_cut_the_answer(client: openai.OpenAI, vlm) -> None:
     assert reply.choices[0].message.content == full[:8] and reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == vlm.generate(messages, max_new_tokens=20, stop=[stop])
     assert reply.usage.completion_tokens < 20
-    streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, messages, max_tokens=20, stop=stop, stream=True))
-    assert streamed == full[:8]
+    chunks = ask(client, messages, max_tokens=20, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[:8]
 
 
 def test_sampling_options_are_the_library_s(client: openai.OpenAI, vlm) -> None:
@@ -250,7 +250,8 @@ def test_sampling_options_are_the_library_s(client: openai.OpenAI, vlm) -> None:
     assert first == ask(client, messages, max_tokens=16, **options).choices[0].message.content
     assert first != ask(client, messages, max_tokens=16, **{**options, "seed": 8}).choices[0].message.content
     top_k = ask(client, messages, max_tokens=16, temperature=0.7, seed=1, extra_body={"top_k": 5})
-    assert top_k.choices[0].message.content == vlm.generate(messages, max_new_tokens=16, temperature=0.7, seed=1, top_k=5)
+    expected = vlm.generate(messages, max_new_tokens=16, temperature=0.7, seed=1, top_k=5)
+    assert top_k.choices[0].message.content == expected
     penalized = ask(client, messages, max_tokens=16, extra_body={"repetition_penalty": 0.5})  # < 1 favours repeats
     expected = vlm.generate(messages, max_new_tokens=16, repetition_penalty=0.5)
     assert penalized.choices[0].message.content == expected != vlm.generate(messages, max_new_tokens=16)
@@ -402,7 +403,8 @@ def test_too_large_images_answer_413(client: openai.OpenAI, picture: bytes, frag
         ask(client, user((data_url(picture),), "What?"))
     assert info.value.status_code == 413
     body = info.value.body
-    assert body["code"] == 413 and fragment in body["message"] and body["param"] == "messages[0].content[0].image_url.url"
+    assert body["code"] == 413 and fragment in body["message"]
+    assert body["param"] == "messages[0].content[0].image_url.url"
 
 
 def test_a_too_large_body_answers_413_before_it_is_read(server: ServerThread) -> None:
@@ -602,7 +604,7 @@ def test_the_serve_command_answers_like_the_in_process_server(model_folder: Path
     expected = ask(client, messages, max_tokens=8).choices[0].message.content
     command = [sys.executable, "-m", "tinyvlm.cli", "serve", "--model", f"local-dir:{model_folder}", "--port", "0",
                "--device", "cpu"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
         line = process.stdout.readline()  # "tinyvlm serve: NAME on http://127.0.0.1:PORT/v1 (Ctrl-C stops)"
         assert line.startswith("tinyvlm serve: "), (line, process.stderr.read() if process.poll() is not None else "")

@@ -111,7 +111,9 @@ def create_app(vlm: "VLM", name: str, config: ServeConfig | None = None) -> Fast
             answer.cancel()
             return JSONResponse(error_body(499, "the client closed the connection"), status_code=499)
         text, done = answer.result()
-        return completion_body(completion_id(), name, text, done.finish_reason, job.prompt_tokens, done.completion_tokens)
+        return completion_body(
+            completion_id(), name, text, done.finish_reason, job.prompt_tokens, done.completion_tokens
+        )
 
     return app
 

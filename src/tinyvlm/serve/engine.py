@@ -4,7 +4,8 @@ static batches; the HTTP side (the event loop) only queues requests and reads th
 Batching. A request waits in a queue of at most ``max_queue`` requests (one more is answered 429). When the
 worker is free and a request waits, it lets a burst of requests gather: it waits until none has come for
 ``batch_wait_ms`` (so at most ``max_batch`` x ``batch_wait_ms``), or until ``max_batch`` wait; then it takes
-the oldest request and every waiting request that can share its batch, up to ``max_batch``, in arrival order. The batch runs as one left-padded generation on one preallocated KV cache
+the oldest request and every waiting request that can share its batch, up to ``max_batch``, in arrival order.
+The batch runs as one left-padded generation on one preallocated KV cache
 (`tinyvlm.generation.generate_tokens`); requests that come meanwhile wait for the next batch (static
 batching: the cache is allocated per batch, for its rows, so rows cannot join a running batch).
 
@@ -234,38 +235,36 @@ class Engine:
                     if job.cancelled:
                         job.ended = True
                     elif not job.ended:
-                        _take(job, text, token, ends)
+                        self._take(job, text, token, ends)
                 if all(job.ended for job, _ in rows):
                     break
         finally:
             steps.close()
         if not all(job.ended for job, _ in rows):  # every limit is >= 1 and reached within `longest` steps
             raise RuntimeError("generation ended before every row of the batch had ended")
-        with self._lock:
-            self.answered += sum(not job.cancelled for job in batch)
+
+    def _take(self, job: Job, text: TextStream, token: int, ends: set[int]) -> None:
+        """One new token of ``job``'s row: its text, and the end of the answer when it comes."""
+        job.completion_tokens += 1
+        if token in ends:
+            self._end(job, text.finish(), "stop")
+            return
+        piece = text.push(token)
+        if text.done:  # a stop string appeared: the text stops before it
+            self._end(job, piece, "stop")
+        elif job.completion_tokens == job.sampling.max_new_tokens:
+            self._end(job, piece + text.finish(), "length")
+        elif piece:
+            job.send(Piece(piece))
+
+    def _end(self, job: Job, piece: str, finish_reason: str) -> None:
+        if piece:
+            job.send(Piece(piece))
+        with self._lock:  # counted before the client can see the answer (and ask /health)
+            self.answered += 1
+        job.send(Done(finish_reason, job.completion_tokens))
 
     def _fail(self, batch: list[Job], error: APIError) -> None:
         for job in batch:
             if not job.ended:
                 job.send(Failed(error))
-
-
-def _take(job: Job, text: TextStream, token: int, ends: set[int]) -> None:
-    """One new token of ``job``'s row: its text, and the end of the answer when it comes."""
-    job.completion_tokens += 1
-    if token in ends:
-        _end(job, text.finish(), "stop")
-        return
-    piece = text.push(token)
-    if text.done:  # a stop string appeared: the text stops before it
-        _end(job, piece, "stop")
-    elif job.completion_tokens == job.sampling.max_new_tokens:
-        _end(job, piece + text.finish(), "length")
-    elif piece:
-        job.send(Piece(piece))
-
-
-def _end(job: Job, piece: str, finish_reason: str) -> None:
-    if piece:
-        job.send(Piece(piece))
-    job.send(Done(finish_reason, job.completion_tokens))

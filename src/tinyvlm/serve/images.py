@@ -74,7 +74,9 @@ def fetch(url: str, limits: ImageLimits, param: str) -> bytes:
     """Download an http(s) image: ``fetch_timeout`` seconds in all, ``max_bytes`` at most."""
     inline = "send the image inline as a data: URL (data:image/png;base64,...)"
     if offline():
-        raise APIError(400, f"{param}: image URLs are not fetched offline (HF_HUB_OFFLINE=1 is set); {inline}", param=param)
+        raise APIError(
+            400, f"{param}: image URLs are not fetched offline (HF_HUB_OFFLINE=1 is set); {inline}", param=param
+        )
     deadline = time.monotonic() + limits.fetch_timeout
     request = urllib.request.Request(url, headers={"User-Agent": f"tinyvlm/{__version__}"})
     try:
