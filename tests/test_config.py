@@ -135,3 +135,14 @@ def tinyvlm_spec_config(key: str):
     import tinyvlm
 
     return tinyvlm.get_spec(key).config
+
+
+def test_command_options_raise_config_errors_in_plain_words():
+    from tinyvlm.serve.config import ServeConfig
+    from tinyvlm.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^port -1: must be >= 0; max_batch 0: must be >= 1$") as error:
+        ServeConfig(port=-1, max_batch=0)
+    assert [p["loc"] for p in error.value.problems] == [("port",), ("max_batch",)]  # for the CLI's flag names
+    with pytest.raises(ConfigError, match=r"data is required"):
+        TrainConfig(output="out", model="test-vlm")

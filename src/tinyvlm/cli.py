@@ -370,16 +370,17 @@ def read_config_file(path: str, model: type) -> dict[str, object]:
 
 
 def validated(model: type, options: dict[str, object]):
-    """``model(**options)``; pydantic's errors become one `ConfigError` that names the flags."""
-    from pydantic import ValidationError
-
+    """``model(**options)`` (an `Options` class), its `ConfigError` reworded to name the flags."""
+    from tinyvlm.config import describe_options
     from tinyvlm.errors import ConfigError
-    from tinyvlm.training.config import describe_errors
 
     try:
         return model(**options)
-    except ValidationError as error:
-        raise ConfigError("; ".join(describe_errors(error, flag))) from None
+    except ConfigError as error:
+        problems = getattr(error, "problems", None)
+        if not problems:
+            raise
+        raise ConfigError("; ".join(describe_options(model, problems, flag))) from None
 
 
 # ------------------------------------------------------------------------------------------- LoRA, export

@@ -92,3 +92,52 @@ def require(hf_config: dict[str, Any], key: str, expected: Any, *, family: str) 
             f"{family} checkpoint has {key}={value!r}; tinyvlm implements only {key}={expected!r}, "
             "so its outputs would differ from the reference. Open an issue if you need this variant."
         )
+
+
+class Options(BaseModel):
+    """The options of a command (`tinyvlm.train`, ``tinyvlm serve``): validated like a `Config`, with errors in
+    the words of a command line (``max_steps 0: must be >= 1``). The `ConfigError` carries pydantic's problem
+    list as ``problems``, so that the CLI can name the flags instead (``--max-steps 0: must be >= 1``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            problem = ConfigError("; ".join(describe_options(type(self), error.errors(), str)))
+            problem.problems = error.errors()  # type: ignore[attr-defined]
+            raise problem from None
+
+
+def describe_options(model: type[BaseModel], problems: list[Any], name: Any) -> list[str]:
+    """One line per problem, in plain words; ``name(field)`` writes a field the way the user knows it."""
+    lines = []
+    for item in problems:
+        field = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown option {name(field)} (valid: {', '.join(name(f) for f in model.model_fields)})")
+        elif item["type"] == "missing":
+            lines.append(f"{name(field)} is required")
+        elif field:
+            lines.append(f"{name(field)} {item.get('input')!r}: {_plain(item)}")
+        else:
+            lines.append(_plain(item))
+    return lines
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _plain(item: Any) -> str:
+    """pydantic's message for one problem, in the words of a command line."""
+    ctx = item.get("ctx") or {}
+    if item["type"] in _BOUNDS:
+        return f"must be {_BOUNDS[item['type']]} {next(iter(ctx.values()))}"
+    if item["type"] in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if item["type"] in ("float_parsing", "float_type"):
+        return "must be a number"
+    if item["type"] == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    return item["msg"].removeprefix("Value error, ")

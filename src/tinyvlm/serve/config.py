@@ -6,15 +6,15 @@ The field descriptions are the command line's help texts and the field names its
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from tinyvlm.config import Options
 
 MIB = 2**20
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(Options):
     """Where the server listens, how it batches, and the limits it answers with 429 / 413 / 400."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from tinyvlm.config import Options
 from tinyvlm.errors import ConfigError
 from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_PARTS, TARGETS, LoraSettings, parse_names
 
@@ -20,11 +21,9 @@ PARTS = ("encoder", "projector", "decoder")
 RESUMABLE_CHANGES = {"resume", "workers", "progress", "device", "log_every"}
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Options):
     """The options of a training run. None means "the model's training default" (`TrainingDefaults`:
     nanoVLM's unless a recipe says otherwise) where a description says so."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     data: Path = Field(description="training data, JSONL (image paths relative to the file)")
     output: Path = Field(description="folder for metrics.jsonl, checkpoints/ and the final model/")
@@ -177,40 +176,5 @@ def make_config(**options: Any) -> TrainConfig:
     """Validate ``options`` into a `TrainConfig`, with one readable `ConfigError` naming each bad option."""
     try:
         return TrainConfig(**options)
-    except ValidationError as error:
-        raise ConfigError("invalid training options: " + "; ".join(describe_errors(error))) from None
-
-
-def describe_errors(error: ValidationError, name: Any = str) -> list[str]:
-    """One line per problem, in plain words; ``name(field)`` writes a field the way the caller's user knows it
-    (the CLI passes a function giving ``--max-steps``)."""
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            problems.append(f"unknown option {name(field)} (valid: {', '.join(name(f) for f in TrainConfig.model_fields)})")
-        elif item["type"] == "missing":
-            problems.append(f"{name(field)} is required")
-        elif field:
-            problems.append(f"{name(field)} {item.get('input')!r}: {_plain(item)}")
-        else:
-            problems.append(_plain(item))
-    return problems
-
-
-_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-
-
-def _plain(item: Any) -> str:
-    """pydantic's message for one problem, in the words of a command line."""
-    ctx = item.get("ctx") or {}
-    if item["type"] in _BOUNDS:
-        bound = next(iter(ctx.values()))
-        return f"must be {_BOUNDS[item['type']]} {bound}"
-    if item["type"] in ("int_parsing", "int_type", "int_from_float"):
-        return "must be a whole number"
-    if item["type"] in ("float_parsing", "float_type"):
-        return "must be a number"
-    if item["type"] == "literal_error":
-        return f"must be one of {ctx.get('expected')}"
-    return item["msg"].removeprefix("Value error, ")
+    except ConfigError as error:
+        raise ConfigError(f"invalid training options: {error}") from None
