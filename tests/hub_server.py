@@ -9,6 +9,11 @@ It serves the routes huggingface_hub 2.x calls for file downloads and repo info:
   ``GatedRepo`` (401 without the right token), ``RevisionNotFound`` (404), ``EntryNotFound`` (404 with the
   commit, which the client records as "known absent" in its cache).
 
+Dataset repos (``hub.add(..., repo_type="dataset")``) get the routes ``datasets`` calls to stream one:
+``/datasets/{org}/{name}/resolve/...`` (with HTTP ``Range`` requests, as ``HfFileSystem`` reads parquet),
+``GET /api/datasets/{org}/{name}/revision/{revision}``, ``GET /api/datasets/{org}/{name}/tree/{revision}[/path]``
+(``recursive``) and ``POST /api/datasets/{org}/{name}/paths-info/{revision}``.
+
 Every request for a model is recorded in ``hub.requests`` so that tests can assert that a load made none.
 ``GET /api/agent-harnesses`` (huggingface_hub's own once-a-day fetch for its user agent, not a model request)
 is answered with an empty registry and not recorded.
@@ -54,6 +59,9 @@ class FakeHub:
             def do_GET(self) -> None:
                 hub._handle(self, body=True)
 
+            def do_POST(self) -> None:
+                hub._handle(self, body=True)
+
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
 
@@ -82,14 +90,17 @@ class FakeHub:
         *,
         branch: str = "main",
         token: str | None = None,
+        repo_type: str = "model",
     ) -> str:
-        """Commit ``files`` (bytes, text, or a path to read) to ``branch`` of ``repo_id``; returns the commit.
+        """Commit ``files`` (bytes, text, or a path to read) to ``branch`` of ``repo_id`` (a model, or a
+        ``repo_type="dataset"``); returns the commit.
 
         Each call makes a new commit holding exactly ``files`` (earlier commits stay reachable by hash)."""
         contents = {
             name: value.read_bytes() if isinstance(value, Path) else value.encode() if isinstance(value, str) else value
             for name, value in files.items()
         }
+        repo_id = f"datasets/{repo_id}" if repo_type == "dataset" else repo_id
         repo = self.repos.setdefault(repo_id, FakeRepo())
         repo.token = token if token is not None else repo.token
         digest = hashlib.sha1(repr((repo_id, len(repo.commits), sorted(contents))).encode())
@@ -129,6 +140,15 @@ class FakeHub:
         parts = path.strip("/").split("/")
         if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
             return self._repo_info(request, "/".join(parts[2:4]), "/".join(parts[5:]), body=body)
+        if len(parts) >= 6 and parts[:2] == ["api", "datasets"] and parts[4] in ("revision", "tree", "paths-info"):
+            repo_id, revision = "datasets/" + "/".join(parts[2:4]), parts[5]
+            if parts[4] == "revision":
+                return self._repo_info(request, repo_id, "/".join(parts[5:]), body=body)
+            if parts[4] == "tree":
+                return self._tree(request, repo_id, revision, "/".join(parts[6:]), body=body)
+            return self._paths_info(request, repo_id, revision, body=body)
+        if len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
+            return self._resolve(request, "/".join(parts[:3]), parts[4], "/".join(parts[5:]), body=body)
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve(request, "/".join(parts[:2]), parts[3], "/".join(parts[4:]), body=body)
         return _reply(request, 404, b"no such route", body=body)
@@ -158,16 +178,69 @@ class FakeHub:
             return _reply(request, 404, b"Entry not found", headers, body=body)
         data = files[filename]
         etag = hashlib.sha256(data).hexdigest()
-        _reply(request, 200, data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, body=body)
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+        wanted = request.headers.get("Range", "")
+        if wanted.startswith("bytes="):  # HfFileSystem reads parquet footers and row groups by range
+            first, _, last = wanted[len("bytes="):].partition("-")
+            start = int(first) if first else max(0, len(data) - int(last))
+            stop = min(len(data), int(last) + 1) if first and last else len(data)
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            return _reply(request, 206, data[start:stop], headers, body=body)
+        _reply(request, 200, data, headers, body=body)
+
+    def _entry(self, name: str, data: bytes) -> dict:
+        return {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+
+    def _tree(self, request: BaseHTTPRequestHandler, repo_id: str, revision: str, folder: str, *, body: bool):
+        found = self._lookup(request, repo_id, revision, body=body)
+        if found is None:
+            return
+        _, files = found
+        recursive = "recursive=true" in urlsplit(request.path).query.lower()
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        entries: dict[str, dict] = {}
+        for name in sorted(files):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):].split("/")
+            for depth in range(1, len(rest)):  # the folders on the way
+                if recursive or depth == 1:
+                    directory = prefix + "/".join(rest[:depth])
+                    entries.setdefault(directory, {"type": "directory", "path": directory, "oid": "0" * 40})
+            if recursive or len(rest) == 1:
+                entries[name] = self._entry(name, files[name])
+        if prefix and not entries:
+            return _reply(request, 404, b"Entry not found", {"X-Error-Code": "EntryNotFound"}, body=body)
+        _reply(request, 200, json.dumps(list(entries.values())).encode(), {"Content-Type": "application/json"}, body=body)
+
+    def _paths_info(self, request: BaseHTTPRequestHandler, repo_id: str, revision: str, *, body: bool):
+        from urllib.parse import parse_qs
+
+        length = int(request.headers.get("Content-Length") or 0)
+        form = request.rfile.read(length).decode()
+        payload = json.loads(form) if form.startswith("{") else {k: v for k, v in parse_qs(form).items()}
+        found = self._lookup(request, repo_id, revision, body=body)
+        if found is None:
+            return
+        _, files = found
+        out = []
+        for wanted in payload.get("paths", []):
+            wanted = wanted.strip("/")
+            if wanted in files:
+                out.append(self._entry(wanted, files[wanted]))
+            elif any(name.startswith(wanted + "/") for name in files) or wanted == "":
+                out.append({"type": "directory", "path": wanted, "oid": "0" * 40})
+        _reply(request, 200, json.dumps(out).encode(), {"Content-Type": "application/json"}, body=body)
 
     def _repo_info(self, request: BaseHTTPRequestHandler, repo_id: str, revision: str, *, body: bool):
         found = self._lookup(request, repo_id, revision, body=body)
         if found is None:
             return
         commit, files = found
+        public_id = repo_id.removeprefix("datasets/")
         info = {
-            "id": repo_id,
-            "modelId": repo_id,
+            "id": public_id,
+            "modelId": public_id,
             "sha": commit,
             "private": False,
             "gated": self.repos[repo_id].token is not None,

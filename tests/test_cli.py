@@ -273,7 +273,7 @@ def test_train_config_file_with_flags_overriding_it(tmp_path, suffix, monkeypatc
     (tmp_path / f"run{suffix}").write_text(text)
     assert cli.main(["train", "--config", str(tmp_path / f"run{suffix}"), "--lr", "0.25"]) == 0
     config = seen["config"]
-    assert (config.max_steps, config.lr, config.model, str(config.data)) == (7, 0.25, "test-vlm", "d.jsonl")
+    assert (config.max_steps, config.lr, config.model, config.data) == (7, 0.25, "test-vlm", ["d.jsonl"])
 
 
 def test_train_config_file_errors(tmp_path, capsys):
@@ -285,3 +285,21 @@ def test_train_config_file_errors(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{")
     assert cli.main(["train", "--config", str(tmp_path / "broken.json")]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_repeated_data_flags_and_their_checks(monkeypatch, capsys):
+    from tinyvlm import cli
+
+    seen = {}
+    monkeypatch.setattr("tinyvlm.training.loop.run", lambda config: seen.setdefault("config", config))
+    args = ["train", "--model", "test-vlm", "--output", "out", "--data", "a.jsonl", "--data-weights", "3",
+            "--data", "hf-dataset:HuggingFaceM4/the_cauldron/ai2d", "--data-weights", "1", "--data-split", "train"]
+    assert cli.main(args) == 0
+    config = seen["config"]
+    assert config.data == ["a.jsonl", "hf-dataset:HuggingFaceM4/the_cauldron/ai2d"] and config.data_weights == [3.0, 1.0]
+    assert cli.main(args[:-4]) == 1
+    assert "1 data weight(s) for 2 data source(s)" in capsys.readouterr().err
+    assert cli.main([*args[:5], "--data", "hf-dataset:nope"]) == 1
+    assert "expected hf-dataset:ORG/NAME" in capsys.readouterr().err
+    assert cli.main([*args[:7], "--data-weights", "0"]) == 1
+    assert "data weights must be positive" in capsys.readouterr().err

@@ -1,7 +1,9 @@
-"""Training: loss masking, packing isolation, freezing, schedule, exact resume after a kill, 2-process DDP."""
+"""Training: loss masking, packing isolation, freezing, schedule, exact resume after a kill, 2-process DDP, on JSONL
+files and on streamed datasets (parquet, mixes, the loopback Hub), skipped data reported, image splitting."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 import tinyvlm
@@ -22,6 +25,9 @@ from tinyvlm.demo import make_shapes_dataset
 from tinyvlm.errors import ConfigError
 from tinyvlm.training.config import make_config, parse_parts
 from tinyvlm.training.loop import build_model, lr_factor, summed_loss
+
+sys.path.insert(0, str(Path(__file__).parent / "data"))
+from writers import cauldron_rows, finevision_rows, write_parquet  # noqa: E402
 
 MODEL = dict(model="test-vlm")  # test-siglip + pixel shuffle 2 + test-llama
 
@@ -166,63 +172,188 @@ def test_frozen_parts_do_not_change(data: Path, tmp_path: Path) -> None:
                                       max_new_tokens=3), str)
 
 
-def test_killed_run_resumes_to_the_same_weights(data: Path, tmp_path: Path) -> None:
-    common = ["train", "--model", "test-vlm", "--data", str(data), "--train", "all",
-              "--max-steps", "10", "--batch-size", "2", "--grad-accum", "2", "--checkpoint-every", "2",
-              "--log-every", "1", "--eval-samples", "0", "--no-progress", "--pack", "--max-length", "200"]
-    straight = tmp_path / "straight"
-    subprocess.run(cli(*common, "--output", str(straight)), check=True, env=run_env(), timeout=120)
+def losses(run: Path) -> list[float]:
+    return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
 
+
+def kill_and_resume(common: list[str], tmp_path: Path, *, kill_at: int, resume: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Run ``common`` straight, and again SIGKILLed once checkpoint ``kill_at`` exists then resumed (with the
+    extra flags ``resume``, e.g. another --workers); the final weights must be bit-identical."""
+    straight = tmp_path / "straight"
+    subprocess.run(cli(*common, "--output", str(straight)), check=True, env=run_env(), timeout=180)
     killed = tmp_path / "killed"
     process = subprocess.Popen(cli(*common, "--output", str(killed)), env=run_env())
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "step-00000004").is_dir():
+    deadline = time.monotonic() + 180
+    while not (killed / "checkpoints" / f"step-{kill_at:08d}").is_dir():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "model").exists()  # really killed mid-way
+    subprocess.run(cli(*common, "--output", str(killed), "--resume", *resume), check=True, env=run_env(), timeout=180)
+    expected, resumed = weights(straight / "model"), weights(killed / "model")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+    assert losses(killed) == losses(straight)
+    return straight, killed
 
+
+def test_killed_run_resumes_to_the_same_weights(data: Path, tmp_path: Path) -> None:
+    common = ["train", "--model", "test-vlm", "--data", str(data), "--train", "all",
+              "--max-steps", "10", "--batch-size", "2", "--grad-accum", "2", "--checkpoint-every", "2",
+              "--log-every", "1", "--eval-samples", "0", "--no-progress", "--pack", "--max-length", "200"]
+    straight, killed = kill_and_resume(common, tmp_path, kill_at=4)
+    assert len(losses(straight)) == 10
     refused = subprocess.run(cli(*common, "--output", str(killed)), env=run_env(), capture_output=True, text=True)
     assert refused.returncode == 1 and "pass --resume" in refused.stderr
     changed = subprocess.run(cli(*common, "--output", str(killed), "--resume", "--lr", "0.1"), env=run_env(),
                              capture_output=True, text=True)
     assert changed.returncode == 1 and "options changed" in changed.stderr and "lr: None -> 0.1" in changed.stderr
 
-    subprocess.run(cli(*common, "--output", str(killed), "--resume"), check=True, env=run_env(), timeout=120)
-    expected, resumed = weights(straight / "model"), weights(killed / "model")
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
-    def losses(run: Path) -> list[float]:
-        return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
 
-    assert losses(killed) == losses(straight) and len(losses(straight)) == 10
-
-
-def test_two_gloo_processes_match_one_process_with_double_batch(data: Path, tmp_path: Path) -> None:
-    common = ["train", "--model", "test-vlm", "--data", str(data), "--train", "all",
-              "--max-steps", "4", "--grad-accum", "1", "--log-every", "1", "--checkpoint-every", "0",
-              "--eval-samples", "4", "--no-progress", "--lr", "1e-3"]
-    subprocess.run(cli(*common, "--batch-size", "4", "--output", str(tmp_path / "one")), check=True,
-                   env=run_env(), timeout=120)
+def two_processes_match_one(common: list[str], tmp_path: Path, *, batch_size: int) -> dict[str, list[dict]]:
+    """2 gloo processes with ``batch_size`` give the losses of 1 process with twice that batch, within 1e-5."""
+    subprocess.run(cli(*common, "--batch-size", str(2 * batch_size), "--output", str(tmp_path / "one")), check=True,
+                   env=run_env(), timeout=180)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "tinyvlm.cli"]
-    subprocess.run(torchrun + common[0:] + ["--batch-size", "2", "--output", str(tmp_path / "two")], check=True,
-                   env=run_env(), timeout=180)
+    subprocess.run(torchrun + common + ["--batch-size", str(batch_size), "--output", str(tmp_path / "two")],
+                   check=True, env=run_env(), timeout=240)
     logs = {}
     for run in ("one", "two"):
         logs[run] = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    one = [e["loss"] for e in logs["one"] if "loss" in e]
-    two = [e["loss"] for e in logs["two"] if "loss" in e]
-    assert len(one) == len(two) == 4
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) >= 3
     assert one[0] != one[-1]  # it trains
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-5 * abs(a), (one, two)
-    assert logs["one"][-1]["val_answered"] == logs["two"][-1]["val_answered"] == 2  # held-out: 2 of 40
+    assert logs["one"][-1]["val_answered"] == logs["two"][-1]["val_answered"]
     assert logs["one"][-1]["val_loss"] == pytest.approx(logs["two"][-1]["val_loss"], rel=1e-5)
     # Weights agree closely but not to 1e-5 everywhere: AdamW divides by sqrt(v), so an element whose
     # gradient is ~0 moves by ~lr in a direction set by rounding noise. Compare tensors as a whole.
     a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     for name in a:
         assert (a[name] - b[name]).norm() <= 1e-3 * b[name].norm(), name
+    return logs
+
+
+def test_two_gloo_processes_match_one_process_with_double_batch(data: Path, tmp_path: Path) -> None:
+    common = ["train", "--model", "test-vlm", "--data", str(data), "--train", "all",
+              "--max-steps", "4", "--grad-accum", "1", "--log-every", "1", "--checkpoint-every", "0",
+              "--eval-samples", "4", "--no-progress", "--lr", "1e-3"]
+    logs = two_processes_match_one(common, tmp_path, batch_size=2)
+    assert logs["one"][-1]["val_answered"] == 2  # held-out: 2 of 40
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+@pytest.fixture(scope="module")
+def cauldron(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """the_cauldron rows (written by datasets, Image features) in two parquet files of a folder."""
+    folder = tmp_path_factory.mktemp("cauldron") / "data"
+    write_parquet(folder / "train-00000-of-00002.parquet", "the_cauldron", cauldron_rows(30, size=(40, 40)))
+    write_parquet(folder / "train-00001-of-00002.parquet", "the_cauldron", cauldron_rows(26, start=30, size=(40, 40)))
+    return folder
+
+
+def test_killed_run_on_a_mix_of_streams_resumes_to_the_same_weights(cauldron: Path, data: Path, tmp_path: Path) -> None:
+    common = ["train", "--model", "test-vlm", "--data", str(cauldron), "--data", str(data),
+              "--data-weights", "3", "--data-weights", "1", "--shuffle-block", "8", "--train", "all",
+              "--max-steps", "8", "--batch-size", "2", "--grad-accum", "2", "--checkpoint-every", "2",
+              "--log-every", "1", "--eval-samples", "2", "--no-progress", "--lr", "1e-3"]
+    straight, killed = kill_and_resume(common, tmp_path, kill_at=4, resume=("--workers", "2"))
+    state = json.loads((killed / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["data"]["position"] == 8 * 4 and state["data"]["sources"][0]["block"] > 0  # mid-stream
+    log = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "val_loss" in e] == [8]
+
+
+def test_two_gloo_processes_stream_the_samples_of_one(cauldron: Path, tmp_path: Path) -> None:
+    # max_length 110 skips the two-turn rows (every third): with one sample per process and micro-batch, a
+    # process whose sample is skipped still joins the all-reduce (the zero-weight filler)
+    common = ["train", "--model", "test-vlm", "--data", str(cauldron), "--shuffle-block", "16", "--train", "all",
+              "--max-steps", "4", "--grad-accum", "2", "--log-every", "1", "--checkpoint-every", "0",
+              "--eval-samples", "2", "--no-progress", "--lr", "1e-3", "--val-fraction", "0.15", "--val-rows", "6",
+              "--max-length", "110"]
+    logs = two_processes_match_one(common, tmp_path, batch_size=1)
+    assert logs["one"][-1]["val_answered"] == 2
+    skipped = [[e["skipped"]["too_long"] for e in logs[run] if "loss" in e] for run in ("one", "two")]
+    assert skipped[0] == skipped[1] and skipped[0][-1] >= 2
+
+
+def test_skips_are_counted_and_reported_without_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = finevision_rows(12)
+    for row in rows[:3]:  # every turn rated low on image correspondence: the filter empties these rows
+        row["image_correspondence_ratings"] = [1, 1]
+    rows[5]["texts"][0]["assistant"] = "very " * 60 + "long"  # longer than max_length
+    write_parquet(tmp_path / "fv.parquet", "finevision", rows)
+    result = tinyvlm.train(**MODEL, data=tmp_path / "fv.parquet", output=tmp_path / "run", max_steps=3, batch_size=4,
+                           grad_accum=1, checkpoint_every=0, eval_samples=0, val_data=tmp_path / "fv.parquet",
+                           val_rows=4, relevance_min_rating=3, image_correspondence_min_rating=2, max_length=120,
+                           progress=False)
+    # 3 steps of 4 = 12 positions over the 9 usable rows: some rows twice (a second epoch)
+    assert result.skipped["filtered_rows"] >= 3 and result.skipped["too_long"] >= 1
+    assert result.skipped["dropped_turns"] >= 9 + 3 * 2  # the second turn of every usable row, both of the emptied
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-2]["skipped"] == result.skipped
+    err = capsys.readouterr().err
+    assert f"data: {result.skipped['too_long']} sample(s) longer than max_length=120 skipped (e.g. " in err
+    assert "fv.parquet row 5" in err and "row(s) skipped: the rating filters dropped every turn" in err
+    assert "held-out loss" in err and "saved the model to" in err  # results print with progress=False
+    assert "step 1/3" not in err  # but not the progress
+
+
+def test_resuming_a_finished_run_evaluates_once(data: Path, tmp_path: Path) -> None:
+    options = dict(MODEL, data=data, output=tmp_path / "run", max_steps=2, batch_size=2, grad_accum=1,
+                   checkpoint_every=1, eval_samples=1, progress=False)
+    tinyvlm.train(**options)
+    tinyvlm.train(**options, resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "val_loss" in e] == [2]
+    assert [e["step"] for e in log if "loss" in e] == [2]
+
+
+def test_image_splitting_trains_with_the_inference_layout(tmp_path: Path) -> None:
+    from tinyvlm.data.loading import SampleMaker
+    from tinyvlm.data.sources import open_rows, parse_source
+    from tinyvlm.data.schemas import RatingFilter, detect_schema
+
+    tinyvlm.build_vlm("test-vlm", processor_kwargs={"split_images": True, "max_grid": 2}).save_pretrained(tmp_path / "split")
+    write_parquet(tmp_path / "big.parquet", "the_cauldron", cauldron_rows(8, size=(128, 96)))  # 2 x 2 tiles + global
+    result = tinyvlm.train(model=f"local-dir:{tmp_path / 'split'}", data=tmp_path / "big.parquet", output=tmp_path / "run",
+                           max_steps=2, batch_size=2, grad_accum=1, checkpoint_every=0, eval_samples=1, progress=False,
+                           val_fraction=0.2, log_every=1)
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "run")) and math.isfinite(result.metrics["val_loss"])
+    trained = tinyvlm.load_vlm(f"local-dir:{result.model_dir}")
+    assert trained.config.image_tokens.split_images
+    rows = open_rows(parse_source(str(tmp_path / "big.parquet")), "train")
+    row = next(rows.read())
+    record = detect_schema(rows.columns, source="big").convert(row, where="big row 0", base=None, ratings=RatingFilter()).record
+    prepared = SampleMaker(trained.processor, max_length=None)[record]
+    image = Image.open(io.BytesIO(row["images"][0]["bytes"]))
+    prompt_ids, _ = trained.processor.encode_prompt(record.prompt, [image])
+    assert prepared.example.input_ids[: len(prompt_ids)] == prompt_ids
+    assert prepared.example.input_ids.count(trained.image_token_id) == 5 * trained.processor.tokens_per_view
+    assert torch.equal(prepared.pixels, trained.processor(record.prompt, [image])["pixel_values"])
+
+
+def test_streaming_from_the_loopback_hub(hub, cauldron: Path, tmp_path: Path) -> None:
+    readme = ("---\nconfigs:\n- config_name: ai2d\n  data_files:\n  - split: train\n    path: ai2d/train-*\n"
+              "  - split: test\n    path: ai2d/test-*\n---\n# the_cauldron-like\n")
+    files = sorted(cauldron.glob("*.parquet"))
+    commit = hub.add("org/cauldron", {"README.md": readme, "ai2d/train-00000-of-00001.parquet": files[0],
+                                      "ai2d/test-00000-of-00001.parquet": files[1]}, repo_type="dataset")
+    common = ["train", "--model", "test-vlm", "--data", f"hf-dataset:org/cauldron/ai2d@{commit}",
+              "--val-data", "hf-dataset:org/cauldron/ai2d", "--val-split", "test", "--val-rows", "4",
+              "--batch-size", "2", "--grad-accum", "1", "--checkpoint-every", "0", "--eval-samples", "2",
+              "--no-progress", "--output", str(tmp_path / "run")]
+    env = {**run_env(), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+    unknown = subprocess.run(cli(*common), env=env, capture_output=True, text=True, timeout=180)
+    assert unknown.returncode == 1 and "is not known before reading it: give --max-steps" in unknown.stderr
+    subprocess.run(cli(*common, "--max-steps", "2"), check=True, env=env, timeout=180)
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 2] and log[1]["val_answered"] == 2
+    assert hub.count(f"/datasets/org/cauldron/resolve/{commit}/ai2d/train-00000-of-00001.parquet") >= 1
+    assert hub.count("/api/datasets/org/cauldron/tree/") >= 1

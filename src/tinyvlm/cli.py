@@ -297,7 +297,8 @@ def flag(field: str) -> str:
 def add_config_flags(parser: argparse.ArgumentParser, model: type, *, exclude: tuple[str, ...] = ()) -> None:
     """One flag per field of the pydantic ``model`` (name, type, help and default from the field): a boolean
     that defaults to False is ``--name``, one that defaults to True is ``--no-name``; a ``Literal`` gives the
-    choices. Flags left out keep the field's default (it lives in one place: the model)."""
+    choices; a ``list[X]`` is a flag given once per element (``--data a --data b``). Flags left out keep the
+    field's default (it lives in one place: the model)."""
     import typing
     from pathlib import Path
 
@@ -323,11 +324,16 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type, *, exclude: t
             parser.add_argument(flag(name), dest=name, choices=choices, default=argparse.SUPPRESS,
                                 help=description + shown)
             continue
+        repeated = typing.get_origin(kind) is list
+        if repeated:
+            (kind,) = typing.get_args(kind)
+            shown = " (repeatable)"
         convert = {int: int, float: float, str: str, Path: str}.get(kind)
         if convert is None:
             raise TypeError(f"{model.__name__}.{name}: no command-line form for {field.annotation}")
         metavar = {int: "N", float: "X"}.get(kind, name.upper())
         parser.add_argument(flag(name), dest=name, type=convert, metavar=metavar, default=argparse.SUPPRESS,
+                            action="append" if repeated else "store",
                             help=description + shown + (" (required, here or in --config)" if field.is_required() else ""))
 
 

@@ -41,9 +41,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tens
 
 
 def save_checkpoint(
-    output: Path, step: int, vlm: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, keep: int
+    output: Path, step: int, vlm: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, keep: int,
+    *, data_position: dict[str, Any],
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNNNN`` atomically (temporary folder, then rename); keep the last ``keep``."""
+    """Write ``checkpoints/step-NNNNNNNN`` atomically (temporary folder, then rename); keep the last ``keep``.
+    ``data_position`` is the data stream's position at the start of step ``step`` (JSON)."""
     folder = output / CHECKPOINTS
     final = folder / f"step-{step:08d}"
     temporary = folder / f".step-{step:08d}.tmp"
@@ -60,7 +62,7 @@ def save_checkpoint(
             tensors[f"rng.cuda.{i}"] = state
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary / "optimizer.safetensors"))
     state = {"step": step, "param_groups": groups, "python_rng": _jsonable(random.getstate()),
-             "config": config.model_dump(mode="json")}
+             "config": config.model_dump(mode="json"), "data": data_position}
     (temporary / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -89,6 +91,14 @@ def check_resumable(folder: Path, config: TrainConfig) -> None:
             f"cannot resume {folder}: options changed since it was written ({diffs}). Resume with the same "
             "options, or start a new run in another output folder."
         )
+
+
+def read_data_position(folder: Path) -> dict[str, Any]:
+    """The data stream's position a checkpoint saved (`tinyvlm.data.stream.Mixture.state`)."""
+    state = json.loads((folder / "state.json").read_text())
+    if "data" not in state:
+        raise ConfigError(f"{folder} has no data position (written by an older tinyvlm): start a new run")
+    return state["data"]
 
 
 def load_checkpoint(folder: Path, vlm: nn.Module, optimizer: torch.optim.Optimizer) -> int:

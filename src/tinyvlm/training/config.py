@@ -10,22 +10,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tinyvlm.config import Options
-from tinyvlm.errors import ConfigError
+from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_PARTS, TARGETS, LoraSettings, parse_names
 
 PARTS = ("encoder", "projector", "decoder")
 #: Fields that may change when resuming without changing the trajectory.
-RESUMABLE_CHANGES = {"resume", "workers", "progress", "device", "log_every"}
+RESUMABLE_CHANGES = {"resume", "workers", "prefetch_factor", "progress", "device", "log_every"}
 
 
 class TrainConfig(Options):
     """The options of a training run. None means "the model's training default" (`TrainingDefaults`:
     nanoVLM's unless a recipe says otherwise) where a description says so."""
 
-    data: Path = Field(description="training data, JSONL (image paths relative to the file)")
+    data: list[str] = Field(description="training data: a JSONL or JSON file (image paths relative to it), a parquet "
+                            "file or folder, a save_to_disk folder, or hf-dataset:ORG/NAME[/CONFIG][@REVISION] "
+                            "(streamed); repeat to mix several sources")
+    data_weights: list[float] | None = Field(None, description="sampling weight of each data source, in the order "
+                                             "of --data (once per source; default: equal)")
+    data_split: str = Field("train", description="split of the data sources (a single file is split train)")
     output: Path = Field(description="folder for metrics.jsonl, checkpoints/ and the final model/")
     model: str | None = Field(None, description="a VLM instead of the parts: a recipe (e.g. test-vlm), a saved "
                               "VLM folder or a trained VLM")
@@ -55,8 +60,21 @@ class TrainConfig(Options):
     pack: bool = Field(False, description="pack several samples per row of max_length tokens")
     max_length: int | None = Field(None, ge=1, description="longest sample / packed row in tokens (default: the "
                                    "model's, 4096, or the decoder's context if shorter)")
-    val_data: Path | None = Field(None, description="held-out JSONL (default: hold out val_fraction of data)")
+    val_data: str | None = Field(None, description="held-out data, in any form data takes (default: hold out "
+                                 "val_fraction of data)")
+    val_split: str | None = Field(None, description="split of val_data (default: data_split)")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="fraction of data held out when val_data is not given")
+    val_rows: int = Field(512, ge=1, description="held-out samples evaluated, at most (the first ones)")
+    shuffle_block: int = Field(1000, ge=1, description="rows of a dataset source shuffled together: its stored order "
+                               "is cut into blocks of this many rows, each permuted (1 keeps the stored order)")
+    relevance_min_rating: int = Field(1, ge=1, le=5, description="FineVision: drop turns rated below this for "
+                                      "relevance (1 keeps every turn)")
+    image_correspondence_min_rating: int = Field(1, ge=1, le=5, description="FineVision: drop turns rated below "
+                                                 "this for image correspondence")
+    visual_dependency_min_rating: int = Field(1, ge=1, le=5, description="FineVision: drop turns rated below this "
+                                              "for visual dependency")
+    formatting_min_rating: int = Field(1, ge=1, le=5, description="FineVision: drop turns rated below this for "
+                                       "formatting")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: after the last step only)")
     eval_samples: int = Field(256, ge=0, description="held-out records answered for exact-match accuracy")
     max_new_tokens: int = Field(32, ge=1, description="answer length limit when evaluating")
@@ -76,11 +94,48 @@ class TrainConfig(Options):
     resume: bool = Field(False, description="continue the run in output from its last checkpoint")
     device: str | None = Field(None, description="cpu, cuda, cuda:1... (default: cuda if available; under torchrun "
                                "cuda:LOCAL_RANK)")
-    workers: int = Field(0, ge=0, description="data-loading worker processes")
+    workers: int = Field(0, ge=0, description="data-loading worker processes (decode and preprocess images)")
+    prefetch_factor: int = Field(2, ge=1, description="micro-batches each worker prepares ahead")
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more_sources(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            return [str(value)]
+        if isinstance(value, (list, tuple)):
+            return [str(v) if isinstance(v, Path) else v for v in value]
+        return value
+
+    @field_validator("val_data", mode="before")
+    @classmethod
+    def _path_to_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("data", "val_data")
+    @classmethod
+    def _parseable(cls, value: Any) -> Any:
+        from tinyvlm.data.sources import parse_source
+
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                parse_source(text)
+            except DataError as error:
+                raise ValueError(str(error)) from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if not self.data:
+            raise ValueError("give at least one data source")
+        if self.data_weights is not None:
+            if len(self.data_weights) != len(self.data):
+                raise ValueError(f"{len(self.data_weights)} data weight(s) for {len(self.data)} data source(s): give "
+                                 "one weight per source, in the same order")
+            if any(w <= 0 for w in self.data_weights):
+                raise ValueError(f"data weights must be positive, got {self.data_weights}")
+        if self.val_split is not None and self.val_data is None:
+            raise ValueError("val_split is the split of val_data: give val_data too")
         if self.model is not None and (self.encoder is not None or self.decoder is not None):
             raise ValueError("give either model (a VLM recipe or folder) or encoder + decoder, not both")
         if self.model is None and (self.encoder is None or self.decoder is None):
@@ -127,6 +182,12 @@ class TrainConfig(Options):
         """Every part with trained weights: in full or through LoRA, in model order."""
         lora = self.lora_settings.parts if self.lora is not None else ()  # type: ignore[union-attr]
         return tuple(part for part in PARTS if part in self.parts or part in lora)
+
+    @property
+    def ratings(self) -> dict[str, int]:
+        """The FineVision rating minimums, by rating kind."""
+        return {kind: getattr(self, f"{kind}_min_rating")
+                for kind in ("relevance", "image_correspondence", "visual_dependency", "formatting")}
 
     def resolved(self, defaults: Any, context_length: int) -> "Settings":
         """The options left at None filled in from the model's training defaults (`TrainingDefaults`)."""

@@ -1,9 +1,11 @@
-"""`train`: fine-tune a VLM on JSONL conversations, from one CPU to many GPUs under ``torchrun``.
+"""`train`: fine-tune a VLM on conversations (JSONL files, parquet, Hugging Face datasets), from one CPU to
+many GPUs under ``torchrun``.
 
 The loop, in order of what happens at each optimizer step ``s``:
 
-* the `StepSampler` names this process's micro-batches of step ``s`` (a pure function of ``s``, the seed and
-  the world size, so resuming needs nothing but ``s``);
+* the data stream (`tinyvlm.data.stream`) hands this process its micro-batches of step ``s``: the same
+  global order whatever the number of processes, and restored exactly on resume from the data position
+  each checkpoint saves; DataLoader workers decode, encode and collate them ahead;
 * the learning rate of every part is set from the schedule (linear warm-up, then cosine to
   ``min_lr_ratio * lr``);
 * each micro-batch's summed token loss is divided by the number of target tokens of the *whole* step (all
@@ -26,27 +28,21 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tinyvlm.data import (
-    IGNORE_INDEX,
-    Batch,
-    Collator,
-    ExampleDataset,
-    Record,
-    StepSampler,
-    encode_records,
-    read_records,
-    split_records,
-)
+from tinyvlm.data.loading import Collator, MicroBatch, SampleMaker, filler_batch, load, skipped_message
+from tinyvlm.data.records import IGNORE_INDEX, Batch, open_image
 from tinyvlm.errors import ConfigError
-from tinyvlm.training.checkpoints import CHECKPOINTS, check_resumable, checkpoint_dirs, load_checkpoint, save_checkpoint
+from tinyvlm.training.checkpoints import (
+    CHECKPOINTS, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
+)
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
+from tinyvlm.training.inputs import Held, open_data, prepare_data
 from tinyvlm.training.progress import MetricsLog, Progress
 
 METRICS = "metrics.jsonl"
@@ -146,36 +142,46 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(
-    vlm: nn.Module, batches: Iterator[Batch], records: Sequence[Record], *, eval_samples: int, batch_size: int,
-    max_new_tokens: int, processes: Processes, autocast: Any,
+    vlm: nn.Module, batches: Iterator[MicroBatch], held_out: Sequence[Held], *, eval_samples: int, batch_size: int,
+    max_new_tokens: int, processes: Processes, autocast: Any, progress: Progress,
 ) -> dict[str, float]:
     """Held-out loss (this process's share of the batches, summed over processes) and exact-match accuracy of
-    greedy answers to the first ``eval_samples`` records (shared out between processes)."""
+    greedy answers to the first ``eval_samples`` held-out samples (shared out between processes)."""
     modes = {name: module.training for name, module in vlm.named_children()}
     vlm.eval()
-    loss_sum, targets = 0.0, 0
-    for batch in batches:
-        batch = batch.to(processes.device)
-        with autocast:
-            loss_sum += float(summed_loss(vlm, batch))
-        targets += target_count(batch)
-    chosen = list(records[:eval_samples])[processes.rank :: processes.world_size]
+    chosen = [record for record, _ in held_out[:eval_samples]][processes.rank :: processes.world_size]
+    loss_batches = math.ceil(len(held_out) / (batch_size * processes.world_size))
+    answer_batches = math.ceil(len(chosen) / batch_size)
+    loss_sum, targets, skipped = 0.0, 0, 0
+    for done, micro in enumerate(batches, start=1):
+        skipped += len(micro.skipped)
+        if micro.batch is not None:
+            batch = micro.batch.to(processes.device)
+            with autocast:
+                loss_sum += float(summed_loss(vlm, batch))
+            targets += target_count(batch)
+        progress.activity(f"evaluating: loss {done}/{loss_batches} batches")
     correct = 0
-    for start in range(0, len(chosen), batch_size):
+    for number, start in enumerate(range(0, len(chosen), batch_size), start=1):
         group = chosen[start : start + batch_size]
+        progress.activity(f"evaluating: answers {number}/{answer_batches} batches")
         with autocast:
             answers = vlm.generate(
-                [r.prompt for r in group], images=[list(r.images) for r in group], max_new_tokens=max_new_tokens
+                [r.prompt for r in group], images=[[open_image(i) for i in r.images] for r in group],
+                max_new_tokens=max_new_tokens,
             )
         correct += sum(normalize_answer(a) == normalize_answer(r.answer) for a, r in zip(answers, group))
-    loss_sum, targets, correct, answered = processes.all_sum([loss_sum, targets, correct, len(chosen)])
+    loss_sum, targets, correct, answered, skipped = processes.all_sum([loss_sum, targets, correct, len(chosen), skipped])
     for name, module in vlm.named_children():
         module.train(modes[name])
-    return {
-        "val_loss": loss_sum / max(targets, 1),
+    values = {
+        "val_loss": loss_sum / targets if targets else float("nan"),
         "val_accuracy": correct / max(answered, 1),
         "val_answered": int(answered),
     }
+    if skipped:
+        values["val_skipped"] = int(skipped)
+    return values
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -190,6 +196,9 @@ class TrainResult:
     steps: int
     final_loss: float
     metrics: dict[str, float]
+    #: Samples the run left out, never silently: ``too_long`` (longer than max_length), ``filtered_rows``
+    #: (every turn dropped by the rating filters) and the ``dropped_turns`` of the rating filters.
+    skipped: dict[str, int]
     adapter_dir: Path | None = None
 
 
@@ -218,31 +227,18 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         )
     if config.resume:
         check_resumable(existing[-1], config)
-    progress = Progress(0, 0, config.progress and processes.main)
+    progress = Progress(0, 0, show_bar=config.progress, main=processes.main)
 
-    records = read_records(config.data)
-    if config.val_data is not None:
-        train_records, val_records = records, read_records(config.val_data)
-    else:
-        train_records, val_records = split_records(records, config.val_fraction, config.seed)
-
+    opened = open_data(config)
     vlm = build_model(config, processes.device)
     settings = config.resolved(vlm.config.training, vlm.decoder.config.max_position_embeddings)
     lora = config.lora_settings
     freeze(vlm, config.parts, lora.parts if lora is not None else ())
     processor = vlm.processor
-    encode = dict(encode=processor.encode_example, max_length=settings.max_length,
-                  needs_image_sizes=processor.tokens.split_images)
-    train_examples = encode_records(train_records, **encode)
-    val_examples = encode_records(val_records, **encode)
-    collator = Collator(pad_id=processor.pad_token_id, packed=config.pack, max_length=settings.max_length)
     batch_size = settings.batch_size
-
-    sampler = StepSampler(
-        len(train_examples), micro_batch=batch_size, world_size=processes.world_size,
-        rank=processes.rank, accumulation=settings.grad_accum, seed=config.seed,
-    )
-    max_steps = config.max_steps or max(1, math.ceil(len(train_examples) / sampler.global_batch))
+    data = prepare_data(opened, config, processor, max_length=settings.max_length, batch_size=batch_size,
+                        grad_accum=settings.grad_accum, world_size=processes.world_size, rank=processes.rank)
+    max_steps = data.max_steps
     warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * max_steps)
     progress.total = max_steps
 
@@ -250,11 +246,14 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         param_groups(vlm, config, settings.lrs), betas=(0.9, 0.95), eps=1e-8,
         fused=processes.device.type == "cuda",
     )
-    start = 0
+    start, too_long = 0, 0
     metrics = MetricsLog(output / METRICS, processes.main)
     if config.resume:
         start = load_checkpoint(existing[-1], vlm, optimizer)
-        metrics.truncate_after(start)
+        position = read_data_position(existing[-1])
+        data.mixture.restore(position)
+        too_long = int(position["too_long"])
+        metrics.truncate_after(start, final_step=max_steps)
         progress.message(f"resumed from {existing[-1]} (step {start})")
     if processes.main:
         output.mkdir(parents=True, exist_ok=True)
@@ -268,43 +267,58 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def loader(index_lists: Iterator[list[int]], dataset: ExampleDataset) -> Iterator[Batch]:
-        # Its own generator: a loader seeded from the global RNG would draw from it when created, which on
-        # resume happens after the checkpoint's RNG state is restored (dropout masks would then differ).
-        return iter(torch.utils.data.DataLoader(
-            dataset, batch_sampler=list(index_lists), collate_fn=collator, num_workers=config.workers,
-            pin_memory=processes.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
-        ))
+    maker = SampleMaker(processor, max_length=settings.max_length)
+    collator = Collator(pad_id=processor.pad_token_id, packed=config.pack, max_length=settings.max_length)
 
-    train_set = ExampleDataset(train_examples, processor.pixel_values)
-    val_set = ExampleDataset(val_examples, processor.pixel_values)
+    def loader(index_lists: Iterable[list[Any]]) -> Iterator[MicroBatch]:
+        return load(index_lists, maker, collator, workers=config.workers, prefetch_factor=config.prefetch_factor,
+                    pin_memory=processes.device.type == "cuda", seed=config.seed)
 
     def run_eval() -> dict[str, float]:
-        starts = range(processes.rank * batch_size, len(val_set), processes.world_size * batch_size)
-        index_lists = ([*range(i, min(i + batch_size, len(val_set)))] for i in starts)
-        return evaluate(
-            vlm, loader(index_lists, val_set), val_records, eval_samples=config.eval_samples,
+        items = [item for _, item in data.held_out]
+        starts = range(processes.rank * batch_size, len(items), processes.world_size * batch_size)
+        values = evaluate(
+            vlm, loader(items[i : i + batch_size] for i in starts), data.held_out, eval_samples=config.eval_samples,
             batch_size=batch_size, max_new_tokens=config.max_new_tokens, processes=processes, autocast=autocast,
+            progress=progress,
         )
+        progress.activity(None)
+        return values
 
-    batches = loader(sampler.iterate(start, max_steps), train_set)
+    def skipped_counts(step: int) -> dict[str, int]:
+        counts = data.batches.state_at(step)["counts"]
+        return {"too_long": too_long, "filtered_rows": counts["filtered_rows"], "dropped_turns": counts["dropped_turns"]}
+
+    filler = filler_batch(processor).to(processes.device) if processes.world_size > 1 else None
+    batches = loader(data.batches.iterate(start, max_steps))
     progress.began = time.perf_counter()
     window_tokens, window_time, loss = 0.0, 0.0, float("nan")  # tokens/s counts training steps only
     last_eval: dict[str, float] = {}
+    skipped_where: list[str] = []
     for step in range(start, max_steps):
         step_began = time.perf_counter()
         factor = lr_factor(step, max_steps=max_steps, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
-        micro = [next(batches).to(processes.device) for _ in range(settings.grad_accum)]
-        targets, tokens = processes.all_sum([sum(target_count(b) for b in micro), sum(b.num_tokens for b in micro)])
+        loaded = [next(batches) for _ in range(settings.grad_accum)]
+        micro = [None if m.batch is None else m.batch.to(processes.device) for m in loaded]
+        skipped_where += [where for m in loaded for where in m.skipped][: 3 - len(skipped_where)]
+        real = [b for b in micro if b is not None]
+        targets, tokens, skipped = processes.all_sum([
+            sum(target_count(b) for b in real), sum(b.num_tokens for b in real), sum(len(m.skipped) for m in loaded),
+        ])
+        too_long += int(skipped)
         loss_sum = torch.zeros((), dtype=torch.float64, device=processes.device)
         for j, batch in enumerate(micro):
+            if batch is None and filler is None:
+                continue  # every sample of it was skipped; one process has no all-reduce to take part in
             last = j == len(micro) - 1
             sync = contextlib.nullcontext() if last or processes.world_size == 1 else model.no_sync()
             with sync:
                 with autocast:
-                    summed = summed_loss(model, batch)
+                    # A micro-batch whose samples were all skipped runs the filler with a zero weight, so that
+                    # this process still joins the gradient all-reduce of the others.
+                    summed = summed_loss(model, batch) if batch is not None else summed_loss(model, filler) * 0
                 # DDP averages gradients over processes: scaled so that the result is the gradient of the
                 # mean over every target token of the step, whatever the split into micro-batches.
                 (summed * (processes.world_size / max(targets, 1))).backward()
@@ -320,44 +334,63 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         tokens_per_s = window_tokens / max(window_time, 1e-9)
         done = step + 1
         if done % config.log_every == 0 or done == max_steps:
+            length = data.mixture.length
+            epoch = None if length is None else done * data.batches.global_batch / length
+            counts = skipped_counts(done)
             metrics.write(
-                step=done, epoch=round(sampler.epoch(done), 4), loss=loss,
+                step=done, epoch=None if epoch is None else round(epoch, 4), loss=loss,
                 lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                grad_norm=float(grad_norm), tokens_per_s=tokens_per_s, time=time.time(),
+                grad_norm=float(grad_norm), tokens_per_s=tokens_per_s, time=time.time(), skipped=counts,
             )
-            progress.update(done, loss, tokens_per_s, force=True)
+            progress.update(done, loss, tokens_per_s, force=True, skipped=counts["too_long"] + counts["filtered_rows"])
             window_tokens, window_time = 0.0, 0.0
         else:
             progress.update(done, loss, tokens_per_s)
-        if val_records and config.eval_every and done % config.eval_every == 0 and done != max_steps:
+        if data.held_out and config.eval_every and done % config.eval_every == 0 and done != max_steps:
             last_eval = run_eval()
             metrics.write(step=done, **last_eval)
-            progress.message(_eval_line(done, last_eval))
+            progress.result(_eval_line(done, last_eval))
         if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == max_steps):
+            position = {**data.batches.state_at(done), "too_long": too_long}
             if processes.main:
-                save_checkpoint(output, done, vlm, optimizer, config, config.keep_checkpoints)
+                save_checkpoint(output, done, vlm, optimizer, config, config.keep_checkpoints, data_position=position)
             processes.barrier()
     progress.close()
-    if val_records:
+    counts = skipped_counts(max_steps)
+    if any(counts.values()):
+        progress.result(_skipped_line(counts, skipped_where, settings.max_length))
+    if data.held_out:
         last_eval = run_eval()
         metrics.write(step=max_steps, **last_eval)
-        progress.message(_eval_line(max_steps, last_eval))
+        progress.result(_eval_line(max_steps, last_eval))
     if lora is not None:
         from tinyvlm.lora.adapter import save_adapter
 
         adapter_dir = output / ADAPTER
         if processes.main:
             save_adapter(vlm, adapter_dir)
-            progress.message(f"saved the LoRA adapter to {adapter_dir} (load it with "
+            progress.result(f"saved the LoRA adapter to {adapter_dir} (load it with "
                              f"tinyvlm.load_vlm({config.model!r}, adapter='{adapter_dir}'))")
         processes.barrier()
-        return TrainResult(model_dir=None, steps=max_steps, final_loss=loss, metrics=last_eval, adapter_dir=adapter_dir)
+        return TrainResult(model_dir=None, steps=max_steps, final_loss=loss, metrics=last_eval, skipped=counts,
+                           adapter_dir=adapter_dir)
     model_dir = output / FINAL
     if processes.main:
         vlm.save_pretrained(model_dir)
-        progress.message(f"saved the model to {model_dir} (load it with tinyvlm.load_vlm('local-dir:{model_dir}'))")
+        progress.result(f"saved the model to {model_dir} (load it with tinyvlm.load_vlm('local-dir:{model_dir}'))")
     processes.barrier()
-    return TrainResult(model_dir=model_dir, steps=max_steps, final_loss=loss, metrics=last_eval)
+    return TrainResult(model_dir=model_dir, steps=max_steps, final_loss=loss, metrics=last_eval, skipped=counts)
+
+
+def _skipped_line(counts: dict[str, int], where: Sequence[str], max_length: int) -> str:
+    parts = []
+    if counts["too_long"]:
+        parts.append(skipped_message(where, counts["too_long"], max_length))
+    if counts["filtered_rows"]:
+        parts.append(f"{counts['filtered_rows']} row(s) skipped: the rating filters dropped every turn")
+    if counts["dropped_turns"]:
+        parts.append(f"{counts['dropped_turns']} turn(s) dropped by the rating filters")
+    return "data: " + "; ".join(parts)
 
 
 def _eval_line(step: int, values: dict[str, float]) -> str:

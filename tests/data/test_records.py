@@ -1,4 +1,4 @@
-"""Training data: both JSONL styles, every DataError, packing and the step sampler."""
+"""Records: both JSONL styles and LLaVA's JSON arrays, every DataError, encoding, packing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from PIL import Image
 from tinyvlm.data import (
     IGNORE_INDEX,
     Example,
-    StepSampler,
     collate,
     encode_records,
     pack,
@@ -201,17 +200,3 @@ def test_collate_orders_images_row_by_row() -> None:
     packed = collate(examples, pixels, pad_id=0, packed=True, max_length=6)
     assert packed.input_ids[:, 0].tolist() == [1, 3]
     assert packed.pixel_values[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # row 0 holds samples 0 and 1
-
-
-def test_step_sampler_shards_the_same_samples() -> None:
-    single = StepSampler(10, micro_batch=4, world_size=1, rank=0, accumulation=1, seed=0)
-    ranks = [StepSampler(10, micro_batch=2, world_size=2, rank=r, accumulation=1, seed=0) for r in range(2)]
-    accumulated = StepSampler(10, micro_batch=2, world_size=1, rank=0, accumulation=2, seed=0)
-    for step in range(6):  # crosses epochs
-        (whole,) = single.micro_batches(step)
-        assert ranks[0].micro_batches(step)[0] + ranks[1].micro_batches(step)[0] == whole
-        assert sum(accumulated.micro_batches(step), []) == whole
-    seen = sum((single.micro_batches(s)[0] for s in range(5)), [])  # 20 positions = 2 epochs
-    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert seen[:10] != seen[10:]
-    assert list(single.iterate(3, 5)) == [single.micro_batches(3)[0], single.micro_batches(4)[0]]

@@ -1,11 +1,14 @@
-"""Training data: JSONL records checked up front, encoded examples, batching with padding or packing.
+"""Conversations and what training makes of them: records, encoded examples, padded or packed batches.
 
-Two record styles are read (image paths are relative to the JSONL file)::
+A `Record` is one conversation (chat messages) with its images, wherever it came from: a JSONL line, an
+element of a JSON array (LLaVA's own files), or a row of a parquet / saved / Hub dataset
+(`tinyvlm.data.schemas` turns rows into records). JSONL / JSON files are read whole by `read_records`; two
+record styles are accepted (image paths are relative to the file)::
 
     {"image": "img/1.png", "conversations": [{"from": "human", "value": "<image>\\nColour?"}, {"from": "gpt", "value": "red"}]}
     {"images": ["a.png", "b.png"], "messages": [{"role": "user", "content": "<image><image>Bigger?"}, {"role": "assistant", "content": "the first"}]}
 
-`read_records` validates every line before training starts and raises one `DataError` that names the file,
+`read_records` validates every record before training starts and raises one `DataError` that names the file,
 the line and the problem of each bad record (bad JSON, unknown layout, missing or unreadable image, no
 assistant turn, more ``<image>`` tags than images).
 
@@ -19,10 +22,11 @@ nanoVLM's packing lets samples attend across their boundaries and continues posi
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -36,16 +40,55 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 MAX_REPORTED_PROBLEMS = 10
 
 
+# ------------------------------------------------------------------------------------------------ images
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes (PNG, JPEG, ...), as parquet and Hugging Face datasets store images
+    (``{"bytes": ..., "path": ...}``); decoded only when its pixels are needed."""
+
+    data: bytes
+    name: str = ""  # the original file name, if the dataset kept one
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.name or 'unnamed'}, {len(self.data)} bytes)"
+
+
+#: An image of a record: a file, encoded bytes, or an image already in memory.
+ImageRef = Union[Path, EncodedImage, Image.Image]
+
+
+def open_image(image: ImageRef) -> Image.Image:
+    """The PIL image of ``image``, fully read (a `DataError` naming it if it cannot be decoded)."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        if isinstance(image, EncodedImage):
+            opened = Image.open(io.BytesIO(image.data))
+        else:
+            opened = Image.open(image)
+        with opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read image {_image_name(image)} ({error})") from None
+
+
+def _image_name(image: ImageRef) -> str:
+    return repr(str(image)) if isinstance(image, Path) else repr(image)
+
+
 # ------------------------------------------------------------------------------------------------ records
 
 
 @dataclass(frozen=True)
 class Record:
-    """One validated training record: chat messages (``role`` user / assistant / system) and image paths."""
+    """One conversation: chat messages (``role`` user / assistant / system) and its images, in order."""
 
     messages: tuple[dict[str, str], ...]
-    images: tuple[Path, ...]
-    where: str  # "file.jsonl:LINE", for error messages
+    images: tuple[ImageRef, ...]
+    where: str  # "file.jsonl:LINE", "SOURCE row N": for error messages
 
     @property
     def answer(self) -> str:
@@ -60,10 +103,11 @@ class Record:
 
 
 def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]:
-    """Parse and validate every line of a JSONL file; raise one `DataError` listing the bad records."""
+    """Parse and validate every record of a JSONL file (one object per line) or of a JSON file holding an
+    array of objects (LLaVA's ``llava_v1_5_mix665k.json``); raise one `DataError` listing the bad records."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: training data file not found") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -71,10 +115,7 @@ def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]
     records: list[Record] = []
     problems: list[str] = []
     checked: dict[Path, str | None] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
+    for where, line in _entries(path, text):
         try:
             record = parse_record(line, base=path.parent, where=where)
             if check_images:
@@ -98,12 +139,28 @@ def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]
     return records
 
 
-def parse_record(line: str, *, base: Path, where: str) -> Record:
-    """One JSONL line in either style -> `Record` (images not opened; see `read_records`)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+def _entries(path: Path, text: str) -> list[tuple[str, str | Any]]:
+    """``(where, JSON text or parsed object)`` per record: the lines of a JSONL file, or the elements of a
+    JSON array (a file whose first character is ``[``)."""
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        return [(f"{path}[{i}]", obj) for i, obj in enumerate(array)]
+    return [(f"{path}:{number}", line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def parse_record(line: str | Any, *, base: Path, where: str) -> Record:
+    """One JSONL line (or an already parsed JSON object) in either style -> `Record` (images not opened;
+    see `read_records`)."""
+    if isinstance(line, str):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    else:
+        obj = line
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if ("conversations" in obj) == ("messages" in obj):
@@ -115,7 +172,15 @@ def parse_record(line: str, *, base: Path, where: str) -> Record:
         turns, role_key, content_key = obj["conversations"], "from", "value"
     else:
         turns, role_key, content_key = obj["messages"], "role", "content"
-    images = _image_list(obj, where)
+    images = tuple(base / image for image in _image_list(obj, where))
+    return conversation_record(turns, role_key, content_key, images, where=where)
+
+
+def conversation_record(
+    turns: Any, role_key: str, content_key: str, images: tuple[ImageRef, ...], *, where: str
+) -> Record:
+    """Turns ``[{role_key: ..., content_key: ...}, ...]`` (LLaVA's ``from`` / ``value`` or the messages
+    style's ``role`` / ``content``) and their images -> a checked `Record`."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: the conversation must be a non-empty list of turns")
     messages = []
@@ -126,6 +191,12 @@ def parse_record(line: str, *, base: Path, where: str) -> Record:
         if role is None:
             raise DataError(f"{where}: turn {i} has unknown role {turn[role_key]!r} (expected one of {sorted(ROLES)})")
         messages.append({"role": role, "content": _text(turn[content_key], where, i)})
+    return checked_record(messages, images, where=where)
+
+
+def checked_record(messages: list[dict[str, str]], images: tuple[ImageRef, ...], *, where: str) -> Record:
+    """A `Record` of normalised messages, refused (`DataError`) without an assistant turn or with ``<image>``
+    tags that do not match the images."""
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn, so there is nothing to learn from this record")
     tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
@@ -136,7 +207,7 @@ def parse_record(line: str, *, base: Path, where: str) -> Record:
             f"{where}: {len(images)} images but only {tags} {IMAGE_TAG} tag(s): put one tag where each image "
             "goes, or none to place all images before the text"
         )
-    return Record(messages=tuple(messages), images=tuple(base / image for image in images), where=where)
+    return Record(messages=tuple(messages), images=images, where=where)
 
 
 def _image_list(obj: dict[str, Any], where: str) -> list[str]:
@@ -200,15 +271,40 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
-    images: tuple[Path, ...]
+    images: tuple[ImageRef, ...]
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 #: ``encode(messages, images) -> (input_ids, labels)``: the processor's conversation encoder. An image is
-#: None when the token layout does not depend on it, else a lazily opened PIL image (its size is known).
+#: None when the token layout does not depend on it, else a PIL image (at least its size is known).
 Encode = Callable[[list[dict[str, str]], Sequence[Image.Image | None]], tuple[list[int], list[int]]]
+
+
+class TooLong(DataError):
+    """A record that encodes to more than ``max_length`` tokens (cutting it would cut an image or the answer)."""
+
+    def __init__(self, where: str, tokens: int, max_length: int):
+        super().__init__(f"{where}: {tokens} tokens, more than max_length={max_length} "
+                         "(raise max_length or shorten the record)")
+
+
+def encode_record(
+    record: Record, encode: Encode, images: Sequence[Image.Image | None], *, max_length: int | None
+) -> Example:
+    """One record -> `Example`; ``images`` are what ``encode`` needs of the record's images (None, or opened
+    images when the token layout depends on their sizes). `TooLong` past ``max_length``; a `DataError` naming
+    the record for any other problem."""
+    try:
+        input_ids, labels = encode(list(record.messages), images)
+    except DataError as error:
+        raise DataError(f"{record.where}: {error}") from None
+    if max_length is not None and len(input_ids) > max_length:
+        raise TooLong(record.where, len(input_ids), max_length)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{record.where}: encodes to no trainable tokens (empty assistant turns?)")
+    return Example(list(input_ids), list(labels), record.images)
 
 
 def encode_records(
@@ -219,24 +315,17 @@ def encode_records(
     `DataError`: cutting it would cut an image or the answer. All bad records are reported at once."""
     examples, problems = [], []
     for record in records:
-        with contextlib.ExitStack() as stack:
-            images = [
-                stack.enter_context(Image.open(path)) if needs_image_sizes else None for path in record.images
-            ]
-            try:
-                input_ids, labels = encode(list(record.messages), images)
-            except DataError as error:
-                problems.append(f"{record.where}: {error}")
-                continue
-        if max_length is not None and len(input_ids) > max_length:
-            problems.append(
-                f"{record.where}: {len(input_ids)} tokens, more than max_length={max_length} "
-                "(raise max_length or shorten the record)"
-            )
-        elif all(label == IGNORE_INDEX for label in labels):
-            problems.append(f"{record.where}: encodes to no trainable tokens (empty assistant turns?)")
-        else:
-            examples.append(Example(list(input_ids), list(labels), record.images))
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    images = [
+                        stack.enter_context(_header(image)) if needs_image_sizes else None for image in record.images
+                    ]
+                except DataError as error:
+                    raise DataError(f"{record.where}: {error}") from None
+                examples.append(encode_record(record, encode, images, max_length=max_length))
+        except DataError as error:
+            problems.append(str(error))
     if problems:
         shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
         more = len(problems) - MAX_REPORTED_PROBLEMS
@@ -244,6 +333,20 @@ def encode_records(
             f"{len(problems)} record(s) cannot be used: {shown}" + (f"; ... and {more} more" if more > 0 else "")
         )
     return examples
+
+
+@contextlib.contextmanager
+def _header(image: ImageRef):
+    """The image opened lazily (its size is read, not its pixels)."""
+    if isinstance(image, Image.Image):
+        yield image
+        return
+    try:
+        opened = Image.open(io.BytesIO(image.data) if isinstance(image, EncodedImage) else image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read image {_image_name(image)} ({error})") from None
+    with opened:
+        yield opened
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -344,84 +447,3 @@ def collate(
         segments=segments,
         num_samples=len(examples),
     )
-
-
-# ------------------------------------------------------------------------------------------------ order
-
-
-class StepSampler:
-    """Which examples each process reads at each optimizer step, as a pure function of the step.
-
-    The stream of sample positions is the concatenation of per-epoch permutations (seeded by
-    ``seed + epoch``). Step ``s`` consumes ``global_batch = micro_batch * world_size * accumulation``
-    positions; micro-step ``j`` of rank ``r`` takes the slice ``[(j * world_size + r) * micro_batch, ...)``.
-    One process with batch 2B therefore sees the same samples per step as two processes with batch B, and
-    resuming at step ``s`` needs nothing but ``s``.
-    """
-
-    def __init__(self, size: int, *, micro_batch: int, world_size: int, rank: int, accumulation: int, seed: int):
-        if size <= 0:
-            raise DataError("no training examples")
-        self.size, self.micro_batch, self.world_size, self.rank = size, micro_batch, world_size, rank
-        self.accumulation, self.seed = accumulation, seed
-        self._permutations: dict[int, list[int]] = {}
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.world_size * self.accumulation
-
-    def _at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        if epoch not in self._permutations:
-            self._permutations = {  # keep only the epochs in use
-                e: p for e, p in self._permutations.items() if e >= epoch - 1
-            }
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._permutations[epoch] = torch.randperm(self.size, generator=generator).tolist()
-        return self._permutations[epoch][offset]
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """The example indices of this rank's micro-batches of optimizer step ``step``."""
-        base = step * self.global_batch
-        out = []
-        for j in range(self.accumulation):
-            first = base + (j * self.world_size + self.rank) * self.micro_batch
-            out.append([self._at(p) for p in range(first, first + self.micro_batch)])
-        return out
-
-    def epoch(self, step: int) -> float:
-        return step * self.global_batch / self.size
-
-    def iterate(self, start_step: int, stop_step: int) -> Iterator[list[int]]:
-        """Micro-batches from ``start_step`` (inclusive) to ``stop_step`` (exclusive), in order."""
-        for step in range(start_step, stop_step):
-            yield from self.micro_batches(step)
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """Map-style dataset of encoded examples; images are read and preprocessed when an item is fetched by
-    ``pixel_values(paths) -> [views, 3, H, W]`` (the processor's, in token order)."""
-
-    def __init__(self, examples: Sequence[Example], pixel_values: Callable[[Sequence[Path]], Tensor]):
-        self.examples = list(examples)
-        self.pixel_values = pixel_values
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> tuple[Example, Tensor]:
-        example = self.examples[index]
-        pixels = self.pixel_values(example.images) if example.images else torch.empty(0, 3, 0, 0)
-        return example, pixels
-
-
-class Collator:
-    """``collate_fn`` for a DataLoader over `ExampleDataset` (a class, so worker processes can pickle it)."""
-
-    def __init__(self, *, pad_id: int, packed: bool, max_length: int | None):
-        self.pad_id, self.packed, self.max_length = pad_id, packed, max_length
-
-    def __call__(self, items: Sequence[tuple[Example, Tensor]]) -> Batch:
-        examples = [example for example, _ in items]
-        pixels = [pixel_values for _, pixel_values in items]
-        return collate(examples, pixels, pad_id=self.pad_id, packed=self.packed, max_length=self.max_length)
