@@ -225,7 +225,7 @@ def two_processes_match_one(common: list[str], tmp_path: Path, *, batch_size: in
         logs[run] = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) >= 3
-    assert one[0] != one[-1]  # it trains
+    assert len(set(one)) > 2  # it trains
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-5 * abs(a), (one, two)
     assert logs["one"][-1]["val_answered"] == logs["two"][-1]["val_answered"]
@@ -271,16 +271,18 @@ def test_killed_run_on_a_mix_of_streams_resumes_to_the_same_weights(cauldron: Pa
 
 
 def test_two_gloo_processes_stream_the_samples_of_one(cauldron: Path, tmp_path: Path) -> None:
-    # max_length 110 skips the two-turn rows (every third): with one sample per process and micro-batch, a
-    # process whose sample is skipped still joins the all-reduce (the zero-weight filler)
+    # max_length 98 skips the rows after picture 9 and the two-turn ones: with one sample per process and
+    # micro-batch, a process whose sample is skipped still joins the all-reduce (the zero-weight filler), and
+    # some steps skip every sample (the weights must then stay, in one process as in two)
     common = ["train", "--model", "test-vlm", "--data", str(cauldron), "--shuffle-block", "16", "--train", "all",
-              "--max-steps", "4", "--grad-accum", "2", "--log-every", "1", "--checkpoint-every", "0",
-              "--eval-samples", "2", "--no-progress", "--lr", "1e-3", "--val-fraction", "0.15", "--val-rows", "6",
-              "--max-length", "110"]
+              "--max-steps", "6", "--grad-accum", "2", "--log-every", "1", "--checkpoint-every", "0",
+              "--eval-samples", "2", "--no-progress", "--lr", "1e-3", "--val-data", str(cauldron), "--val-rows", "4",
+              "--max-length", "98"]
     logs = two_processes_match_one(common, tmp_path, batch_size=1)
     assert logs["one"][-1]["val_answered"] == 2
     skipped = [[e["skipped"]["too_long"] for e in logs[run] if "loss" in e] for run in ("one", "two")]
-    assert skipped[0] == skipped[1] and skipped[0][-1] >= 2
+    assert skipped[0] == skipped[1] and skipped[0][-1] >= 12
+    assert 0.0 in losses(tmp_path / "one") and sum(loss > 0 for loss in losses(tmp_path / "one")) >= 2
 
 
 def test_skips_are_counted_and_reported_without_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -77,8 +77,8 @@ def number(record) -> int:
 
 def test_rows_are_block_shuffled_every_row_once_per_epoch_held_out_rows_never(folder: Path) -> None:
     source = row_source(folder)
-    name = source.rows.name
-    val = {i for i in range(40) if held_out(0, name, i, 0.1)}
+    assert source.rows.identity == "data:train"  # the folder's name, not where it is mounted
+    val = {i for i in range(40) if held_out(0, source.rows.identity, i, 0.1)}
     assert 0 < len(val) < 10
     mixture = Mixture([source], None, seed=0)
     first = [number(mixture.next()) for _ in range(40 - len(val))]

@@ -96,6 +96,13 @@ class Rows:
     def name(self) -> str:
         return self.spec.text if self.split == "train" else f"{self.spec.text} (split {self.split})"
 
+    @property
+    def identity(self) -> str:
+        """What names these rows wherever they are mounted: the file or folder name (not its whole path, which
+        may differ between the nodes of one run), or the Hub dataset and config; and the split."""
+        where = self.spec.path.name if self.spec.path is not None else f"{self.spec.repo}/{self.spec.config or ''}"
+        return f"{where}:{self.split}"
+
     def read(self, state: dict[str, Any] | None = None) -> "RowReader":
         dataset = self._make().decode(False)  # images stay {"bytes", "path"}: decoded in the loader's workers
         if state is not None:

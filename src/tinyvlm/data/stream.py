@@ -53,7 +53,7 @@ def stable_seed(*key: Any) -> int:
 
 
 def held_out(seed: int, source: str, index: int, val_fraction: float) -> bool:
-    """Whether row ``index`` of ``source`` is held out for evaluation."""
+    """Whether row ``index`` of the source identified by ``source`` (`Rows.identity`) is held out."""
     return val_fraction > 0 and stable_unit("held-out", seed, source, index) < val_fraction
 
 
@@ -133,7 +133,7 @@ class RowSource:
         self._next_start = self._reader.state()
         self._block_rows = len(chunk)
         indices = range(self.first_index, self.first_index + len(chunk))
-        kept = [(i, row) for i, row in zip(indices, chunk) if not held_out(self.seed, self.rows.name, i, self.val_fraction)]
+        kept = [(i, row) for i, row in zip(indices, chunk) if not held_out(self.seed, self.rows.identity, i, self.val_fraction)]
         order = np.random.default_rng(stable_seed("block", self.seed, self.index, self.epoch, self.block)).permutation(len(kept))
         self._pending = [kept[k] for k in order][self.taken :][::-1]
         return True
@@ -181,7 +181,7 @@ def held_out_rows(rows: Rows, *, seed: int, val_fraction: float | None, ratings:
     for index, row in enumerate(rows.read()):
         if found >= limit:
             return
-        if val_fraction is not None and not held_out(seed, rows.name, index, val_fraction):
+        if val_fraction is not None and not held_out(seed, rows.identity, index, val_fraction):
             continue
         converted = schema.convert(row, where=f"{rows.name} row {index}", base=rows.base, ratings=ratings)
         if converted.record is not None:

@@ -323,10 +323,13 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
                 # mean over every target token of the step, whatever the split into micro-batches.
                 (summed * (processes.world_size / max(targets, 1))).backward()
             loss_sum += summed.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            trainable, settings.grad_clip if settings.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
+        if targets:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, settings.grad_clip if settings.grad_clip > 0 else float("inf")
+            )
+            optimizer.step()
+        else:  # every sample of the step was skipped: nothing to learn, the weights stay (in every process)
+            grad_norm = torch.zeros(())
         optimizer.zero_grad(set_to_none=True)
         loss = processes.all_sum([float(loss_sum)])[0] / max(targets, 1)
         window_tokens += tokens
