@@ -262,7 +262,7 @@ def check_sampling_flags(values: dict[str, object]) -> None:
 
 def add_train_parser(commands: argparse._SubParsersAction, *, with_flags: bool) -> None:
     train = commands.add_parser(
-        "train", help="fine-tune a VLM on JSONL conversations (also under torchrun)",
+        "train", help="fine-tune a VLM on conversations: JSONL, parquet, Hugging Face datasets (also under torchrun)",
         description="Fine-tune a VLM. Every option is a field of tinyvlm.train (TrainConfig); --config FILE reads "
         "them from a JSON or TOML file (keys as the flags without dashes, or as the Python fields), and flags given "
         "on the command line override the file. Run under `torchrun --nproc-per-node N` for data parallelism.",
