@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import tinyvlm
 from tinyvlm.data import IGNORE_INDEX, collate, encode_records, read_records
 from tinyvlm.demo import make_shapes_dataset
-from tinyvlm.errors import ConfigError
+from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.training.config import make_config, parse_parts
 from tinyvlm.training.loop import build_model, lr_factor, summed_loss
 
@@ -307,14 +307,23 @@ def test_skips_are_counted_and_reported_without_progress(tmp_path: Path, capsys:
     assert "step 1/3" not in err  # but not the progress
 
 
-def test_resuming_a_finished_run_evaluates_once(data: Path, tmp_path: Path) -> None:
+def test_resuming_a_finished_run_evaluates_once(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     options = dict(MODEL, data=data, output=tmp_path / "run", max_steps=2, batch_size=2, grad_accum=1,
-                   checkpoint_every=1, eval_samples=1, progress=False)
+                   checkpoint_every=1, eval_samples=1, log_every=1)
     tinyvlm.train(**options)
+    err = capsys.readouterr().err  # stderr is not a terminal here: one line per evaluation phase
+    assert "evaluating: loss 1/1 batches" in err and "evaluating: answers 1/1 batches" in err
     tinyvlm.train(**options, resume=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "val_loss" in e] == [2]
-    assert [e["step"] for e in log if "loss" in e] == [2]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+
+
+def test_split_options_for_files(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is one file, read as split 'train': it has no split 'validation'"):
+        tinyvlm.train(**MODEL, data=data, output=tmp_path / "a", data_split="validation")
+    with pytest.raises(ConfigError, match="val_split is the split of val_data"):
+        tinyvlm.train(**MODEL, data=data, output=tmp_path / "b", val_split="test")
 
 
 def test_image_splitting_trains_with_the_inference_layout(tmp_path: Path) -> None:

@@ -200,3 +200,16 @@ def test_collate_orders_images_row_by_row() -> None:
     packed = collate(examples, pixels, pad_id=0, packed=True, max_length=6)
     assert packed.input_ids[:, 0].tolist() == [1, 3]
     assert packed.pixel_values[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # row 0 holds samples 0 and 1
+
+
+def test_a_json_array_is_read_like_llava_files(folder: Path) -> None:
+    """LLaVA's own training files (llava_v1_5_mix665k.json) are one JSON array of {id, image, conversations}."""
+    path = folder / "mix.json"
+    path.write_text(json.dumps([{"id": "a", **LLAVA}, {"id": "b", **MESSAGES}, {"id": "c", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]))
+    llava, messages, text_only = read_records(path)
+    assert llava.images == (folder / "img" / "a.png",) and llava.where == f"{path}[0]"
+    assert messages.answer == "the first" and text_only.images == ()
+    path.write_text(json.dumps([LLAVA, {**LLAVA, "image": "nope.png"}]))
+    with pytest.raises(DataError, match=rf"{path}\[1\]: image .*nope.png' not found"):
+        read_records(path)
