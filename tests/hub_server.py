@@ -11,8 +11,8 @@ It serves the routes huggingface_hub 2.x calls for file downloads and repo info:
 
 Dataset repos (``hub.add(..., repo_type="dataset")``) get the routes ``datasets`` calls to stream one:
 ``/datasets/{org}/{name}/resolve/...`` (with HTTP ``Range`` requests, as ``HfFileSystem`` reads parquet),
-``GET /api/datasets/{org}/{name}/revision/{revision}``, ``GET /api/datasets/{org}/{name}/tree/{revision}[/path]``
-(``recursive``) and ``POST /api/datasets/{org}/{name}/paths-info/{revision}``.
+``GET /api/datasets/{org}/{name}/revision/{revision}`` and ``GET /api/datasets/{org}/{name}/tree/{revision}[/path]``
+(``recursive``): what ``load_dataset(..., streaming=True)`` of a parquet dataset requests.
 
 Every request for a model is recorded in ``hub.requests`` so that tests can assert that a load made none.
 ``GET /api/agent-harnesses`` (huggingface_hub's own once-a-day fetch for its user agent, not a model request)
@@ -57,9 +57,6 @@ class FakeHub:
                 hub._handle(self, body=False)
 
             def do_GET(self) -> None:
-                hub._handle(self, body=True)
-
-            def do_POST(self) -> None:
                 hub._handle(self, body=True)
 
             def log_message(self, *args: object) -> None:  # keep test output clean
@@ -140,13 +137,11 @@ class FakeHub:
         parts = path.strip("/").split("/")
         if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
             return self._repo_info(request, "/".join(parts[2:4]), "/".join(parts[5:]), body=body)
-        if len(parts) >= 6 and parts[:2] == ["api", "datasets"] and parts[4] in ("revision", "tree", "paths-info"):
-            repo_id, revision = "datasets/" + "/".join(parts[2:4]), parts[5]
+        if len(parts) >= 6 and parts[:2] == ["api", "datasets"] and parts[4] in ("revision", "tree"):
+            repo_id = "datasets/" + "/".join(parts[2:4])
             if parts[4] == "revision":
                 return self._repo_info(request, repo_id, "/".join(parts[5:]), body=body)
-            if parts[4] == "tree":
-                return self._tree(request, repo_id, revision, "/".join(parts[6:]), body=body)
-            return self._paths_info(request, repo_id, revision, body=body)
+            return self._tree(request, repo_id, parts[5], "/".join(parts[6:]), body=body)
         if len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
             return self._resolve(request, "/".join(parts[:3]), parts[4], "/".join(parts[5:]), body=body)
         if len(parts) >= 5 and parts[2] == "resolve":
@@ -212,25 +207,6 @@ class FakeHub:
         if prefix and not entries:
             return _reply(request, 404, b"Entry not found", {"X-Error-Code": "EntryNotFound"}, body=body)
         _reply(request, 200, json.dumps(list(entries.values())).encode(), {"Content-Type": "application/json"}, body=body)
-
-    def _paths_info(self, request: BaseHTTPRequestHandler, repo_id: str, revision: str, *, body: bool):
-        from urllib.parse import parse_qs
-
-        length = int(request.headers.get("Content-Length") or 0)
-        form = request.rfile.read(length).decode()
-        payload = json.loads(form) if form.startswith("{") else {k: v for k, v in parse_qs(form).items()}
-        found = self._lookup(request, repo_id, revision, body=body)
-        if found is None:
-            return
-        _, files = found
-        out = []
-        for wanted in payload.get("paths", []):
-            wanted = wanted.strip("/")
-            if wanted in files:
-                out.append(self._entry(wanted, files[wanted]))
-            elif any(name.startswith(wanted + "/") for name in files) or wanted == "":
-                out.append({"type": "directory", "path": wanted, "oid": "0" * 40})
-        _reply(request, 200, json.dumps(out).encode(), {"Content-Type": "application/json"}, body=body)
 
     def _repo_info(self, request: BaseHTTPRequestHandler, repo_id: str, revision: str, *, body: bool):
         found = self._lookup(request, repo_id, revision, body=body)
