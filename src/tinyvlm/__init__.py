@@ -25,6 +25,7 @@ _LAZY = {
     "load_tokenizer": "tinyvlm.tokenizer",
     "Tokenizer": "tinyvlm.tokenizer",
     "train": "tinyvlm.training.loop",
+    "evaluate": "tinyvlm.evaluation.runner",
 }
 
 __all__ = [
@@ -53,6 +54,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from tinyvlm.evaluation.runner import evaluate
     from tinyvlm.factory import build_decoder, build_encoder, build_projector
     from tinyvlm.tokenizer import Tokenizer, load_tokenizer
     from tinyvlm.training.loop import train

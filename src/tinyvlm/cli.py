@@ -60,6 +60,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     download.set_defaults(handler=cmd_download)
 
     add_generate_parser(commands)
+    add_eval_parser(commands)
 
     add_train_parser(commands, with_flags=command == "train")
     add_merge_parser(commands)
@@ -256,6 +257,62 @@ def check_sampling_flags(values: dict[str, object]) -> None:
             flag = "--" + name.replace("_", "-")
             problems = [flag + p[len(name) :] if p.startswith((name + ":", name + ".")) else p for p in problems]
         raise ConfigError("; ".join(problems)) from None
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    from tinyvlm.evaluation.tasks import TASKS  # torch-free
+
+    evaluate = commands.add_parser(
+        "eval", help="score a VLM on benchmarks (MMStar, VQAv2, ChartQA) or on your own records",
+        description="Answer a task's questions with greedy decoding, in batches and in the data's order, and score "
+        "them as lmms-eval 0.7.3 does. Tasks: " + ", ".join(f"{name} ({task.columns})" for name, task in TASKS.items())
+        + ". Benchmark data needs the eval extra: pip install \"tinyvlm[eval]\".",
+    )
+    evaluate.add_argument("--model", required=True, help="saved VLM folder, local-dir:PATH, hf-hub:ORG/NAME or a zoo key")
+    evaluate.add_argument("--task", required=True, metavar="TASK[,TASK]", help=f"one or more of {', '.join(TASKS)}")
+    evaluate.add_argument("--data", metavar="SOURCE", help="the task's data instead of its Hub dataset: a parquet file, "
+                          "a dataset folder (e.g. a local copy), hf-dataset:ORG/NAME[/CONFIG][@REV]; for exact_match a "
+                          "JSONL file of training records (one task only)")
+    evaluate.add_argument("--split", help="the split to read (default: the task's, e.g. val for mmstar)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="the first N samples of each task")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="B", help="questions answered together (default 8)")
+    evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length limit (default: the task's)")
+    evaluate.add_argument("--output", metavar="FILE", help="write the results as JSON (atomically)")
+    evaluate.add_argument("--log-samples", action="store_true",
+                          help="add each sample's prompt, answer, reference and score to the results")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    evaluate.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
+    evaluate.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.evaluation.runner import evaluate
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = evaluate(
+        args.model, args.task, data=args.data, split=args.split, limit=args.limit, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, output=args.output, log_samples=args.log_samples,
+        progress=args.progress, device=args.device,
+    )
+    for name, task in results["tasks"].items():
+        print(f"{name}: {task['metric']} {task['score']:.4f} on {task['samples']} samples "
+              f"({task['seconds']:.1f} s, {task['seconds_per_100_samples']:.1f} s per 100)")
+        others = [f"{metric} {value:.4f}" for metric, value in task["metrics"].items() if metric != task["metric"]]
+        if others:
+            print("  " + " | ".join(others))
+    if args.output:
+        print(f"results written to {args.output}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -1,0 +1,32 @@
+"""Evaluation: `evaluate` (``tinyvlm eval``) scores a VLM on benchmarks as lmms-eval 0.7.3 scores them.
+
+* `tinyvlm.evaluation.metrics`: one answer's score (MMStar's letter extraction, VQAv2 soft accuracy with its
+  answer normalisation, ChartQA relaxed accuracy); torch-free;
+* `tinyvlm.evaluation.tasks`: the tasks (`TASKS`): rows -> prompts, scores -> metrics;
+* `tinyvlm.evaluation.rows`: reading a task's data (``datasets``);
+* `tinyvlm.evaluation.runner`: `evaluate`, batched greedy generation and the results JSON;
+* `tinyvlm.evaluation.lmms_plugin`: tinyvlm as an lmms-eval model (``lmms-eval --model tinyvlm``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["evaluate", "TASKS"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":
+        from tinyvlm.evaluation.runner import evaluate
+
+        return evaluate
+    if name == "TASKS":
+        from tinyvlm.evaluation.tasks import TASKS
+
+        return TASKS
+    raise AttributeError(f"module 'tinyvlm.evaluation' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from tinyvlm.evaluation.runner import evaluate
+    from tinyvlm.evaluation.tasks import TASKS

@@ -1,0 +1,273 @@
+"""The built-in tasks: how a row of a benchmark becomes a prompt, how an answer is scored, how scores add up.
+
+Each benchmark task reads the columns of the dataset as published and follows lmms-eval 0.7.3's task of the
+same name (its YAML and ``utils.py``): the same prompt text (its ``default`` pre-prompt is empty for all
+of them, so only the post-prompt is kept here), generation limit and stop strings, the same scoring and
+aggregation, under lmms-eval's metric names. docs/evaluation.md lists them.
+
+A prompt reaches the model as one user turn, its images before the text, rendered as tinyvlm renders
+training conversations (the chat template, or the plain transcript of a base decoder).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+from tinyvlm.errors import ConfigError, DataError
+from tinyvlm.evaluation import metrics
+from tinyvlm.evaluation.rows import as_image, read_rows
+
+#: lmms-eval's ``until`` when a task's ``generation_kwargs`` set none (``api/task.py``: its fewshot
+#: delimiter).
+DEFAULT_UNTIL = ("\n\n",)
+#: The answer-length limit where a task sets none. lmms-eval leaves it to the model class: 1024 in most of
+#: them, and in tinyvlm's plugin.
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question: the prompt (chat messages), its images (PIL images or files), the reference answer, and
+    the groups it counts in (``{"category": ..., "l2_category": ...}``)."""
+
+    id: Any
+    messages: list[dict[str, str]]
+    images: list[Any]
+    reference: Any
+    groups: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        """The prompt's text, as the sample log shows it."""
+        return "\n".join(m["content"] for m in self.messages)
+
+
+Scored = Sequence[tuple[Sample, float]]
+
+
+class Task:
+    """A benchmark: where its data is (``source``, ``split``), how a row becomes a `Sample` (``columns``
+    it needs), how an answer is scored, and how the scores add up (``metric`` is the headline)."""
+
+    name: ClassVar[str]
+    columns: ClassVar[str]
+    source: ClassVar[str | None]
+    split: ClassVar[str]
+    metric: ClassVar[str]
+    post_prompt: ClassVar[str]
+    max_new_tokens: ClassVar[int]
+    until: ClassVar[tuple[str, ...]]
+
+    def samples(self, source: str | None = None, split: str | None = None) -> tuple[Iterator[Sample], int | None]:
+        """The samples of the task's data (or of ``source`` / ``split``) in stored order, and how many there
+        are (None when unknown before reading)."""
+        source = source or self.source
+        if source is None:
+            raise ConfigError(f"task {self.name!r} has no default data: give it with --data (data=...)")
+        rows = read_rows(source, split or self.split)
+
+        def build() -> Iterator[Sample]:
+            for index, row in enumerate(rows.rows):
+                try:
+                    yield self.sample(row, index)
+                except KeyError as error:
+                    raise DataError(
+                        f"{rows.name} row {index}: no column {error}; {self.name} reads {self.columns} "
+                        f"(the row has {', '.join(sorted(row)) or 'no columns'})"
+                    ) from None
+
+        return build(), rows.length
+
+    def sample(self, row: dict[str, Any], index: int) -> Sample:
+        raise NotImplementedError
+
+    def score(self, prediction: str, reference: Any) -> float:
+        raise NotImplementedError
+
+    def aggregate(self, scored: Scored) -> dict[str, float]:
+        raise NotImplementedError
+
+    def answer(self, generated: str) -> str:
+        """The generated text as lmms-eval scores it: cut before the first ``until`` string, stripped."""
+        for stop in self.until:
+            generated = generated.split(stop, 1)[0]
+        return generated.strip()
+
+
+def _user_turn(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _group_means(scored: Scored, key: str) -> dict[str, float]:
+    by_group: dict[str, list[float]] = defaultdict(list)
+    for sample, score in scored:
+        by_group[sample.groups[key]].append(score)
+    return {group: _mean(values) for group, values in sorted(by_group.items())}
+
+
+class MMStar(Task):
+    name = "mmstar"
+    columns = "index, question (options inline), image, answer (a letter), category, l2_category"
+    source = "hf-dataset:Lin-Chen/MMStar"
+    split = "val"
+    metric = "average"
+    post_prompt = "\nAnswer with the option's letter from the given choices directly"
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    until = DEFAULT_UNTIL
+    #: Taken out of a question when a post-prompt is added (lmms-eval's ``replace_prompt``).
+    yes_no = " Please answer yes or no."
+
+    def sample(self, row: dict[str, Any], index: int) -> Sample:
+        question = row["question"].strip().replace(self.yes_no, "") + self.post_prompt
+        return Sample(
+            id=row["index"],
+            messages=_user_turn(question),
+            images=[as_image(row["image"], f"MMStar row {index}")],
+            reference=row["answer"],
+            groups={"category": row["category"], "l2_category": row["l2_category"]},
+        )
+
+    def score(self, prediction: str, reference: str) -> float:
+        return metrics.choice_score(prediction, reference)
+
+    def aggregate(self, scored: Scored) -> dict[str, float]:
+        """``average`` (the headline): the mean over l2 categories of their accuracy; each ``category`` the
+        same over its own l2 categories (lmms-eval's metric per category); ``accuracy`` over all samples."""
+        by_category: dict[str, list[tuple[Sample, float]]] = defaultdict(list)
+        for sample, score in scored:
+            by_category[sample.groups["category"]].append((sample, score))
+        values = {"average": self._l2_macro(scored), "accuracy": _mean([s for _, s in scored])}
+        values.update({name: self._l2_macro(members) for name, members in sorted(by_category.items())})
+        return values
+
+    @staticmethod
+    def _l2_macro(scored: Scored) -> float:
+        return _mean(list(_group_means(scored, "l2_category").values()))
+
+
+class VQAv2(Task):
+    name = "vqav2_val"
+    columns = "question_id, question, answers (10 x {answer, answer_confidence, answer_id}), answer_type, image"
+    source = "hf-dataset:lmms-lab-encoder/VQAv2"
+    split = "validation"
+    metric = "exact_match"
+    post_prompt = "\nAnswer the question using a single word or phrase."
+    max_new_tokens = 16
+    until = DEFAULT_UNTIL
+
+    def sample(self, row: dict[str, Any], index: int) -> Sample:
+        answers = row["answers"]
+        if not answers:
+            raise DataError(f"VQAv2 row {index}: no human answers to score against (the test split has none)")
+        return Sample(
+            id=row["question_id"],
+            messages=_user_turn(row["question"] + self.post_prompt),
+            images=[as_image(row["image"], f"VQAv2 row {index}")],
+            reference=[answer["answer"] for answer in answers],
+            groups={"answer_type": row["answer_type"]},
+        )
+
+    def score(self, prediction: str, reference: list[str]) -> float:
+        return metrics.vqa_accuracy(prediction, reference)
+
+    def aggregate(self, scored: Scored) -> dict[str, float]:
+        """``exact_match`` (lmms-eval's name for the soft accuracy, averaged over questions) and, as the
+        official evaluator reports, the mean per ``answer_type``."""
+        values = {"exact_match": _mean([s for _, s in scored])}
+        values.update({f"answer_type/{k}": v for k, v in _group_means(scored, "answer_type").items()})
+        return values
+
+
+class ChartQA(Task):
+    name = "chartqa"
+    columns = "question, answer, type (human_test / augmented_test), image"
+    source = "hf-dataset:lmms-lab-encoder/ChartQA"
+    split = "test"
+    metric = "relaxed_overall"
+    post_prompt = "\nAnswer the question with a single word."
+    max_new_tokens = 16
+    until = DEFAULT_UNTIL
+
+    def sample(self, row: dict[str, Any], index: int) -> Sample:
+        return Sample(
+            id=index,
+            messages=_user_turn(row["question"] + self.post_prompt),
+            images=[as_image(row["image"], f"ChartQA row {index}")],
+            reference=row["answer"],
+            groups={"type": row["type"]},
+        )
+
+    def score(self, prediction: str, reference: str) -> float:
+        return 1.0 if metrics.relaxed_correctness(prediction, reference) else 0.0
+
+    def aggregate(self, scored: Scored) -> dict[str, float]:
+        """``relaxed_overall``, ``relaxed_human_split`` (type ``human_test``) and ``relaxed_augmented_split``
+        (every other type), the split ones when they have samples."""
+        human = [s for sample, s in scored if sample.groups["type"] == "human_test"]
+        augmented = [s for sample, s in scored if sample.groups["type"] != "human_test"]
+        values = {"relaxed_overall": _mean([s for _, s in scored])}
+        if human:
+            values["relaxed_human_split"] = _mean(human)
+        if augmented:
+            values["relaxed_augmented_split"] = _mean(augmented)
+        return values
+
+
+class ExactMatch(Task):
+    """The user's own data in tinyvlm's training format: the prompt is a record's conversation up to its
+    last assistant turn, that turn is the reference, compared as training's held-out exact match does."""
+
+    name = "exact_match"
+    columns = "tinyvlm's training records (LLaVA or messages style)"
+    source = None
+    split = "train"
+    metric = "exact_match"
+    post_prompt = ""
+    max_new_tokens = 32  # TrainConfig.max_new_tokens, as in training's held-out evaluation
+    until = ()
+
+    def samples(self, source: str | None = None, split: str | None = None) -> tuple[Iterator[Sample], int | None]:
+        from tinyvlm.data import read_records
+
+        if source is None:
+            raise ConfigError("task 'exact_match' needs data: give a JSONL file of records with --data (data=...)")
+        if Path(source).suffix != ".jsonl":
+            raise DataError(
+                f"{source}: the exact_match task reads tinyvlm's training records from a JSONL file (for a "
+                f"benchmark in its own schema choose its task: {', '.join(n for n in TASKS if n != self.name)})"
+            )
+        records = read_records(source)
+        return (Sample(id=r.where, messages=r.prompt, images=list(r.images), reference=r.answer) for r in records), len(records)
+
+    def score(self, prediction: str, reference: str) -> float:
+        from tinyvlm.training.loop import normalize_answer
+
+        return 1.0 if normalize_answer(prediction) == normalize_answer(reference) else 0.0
+
+    def aggregate(self, scored: Scored) -> dict[str, float]:
+        return {"exact_match": _mean([s for _, s in scored])}
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (MMStar(), VQAv2(), ChartQA(), ExactMatch())}
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[Task]:
+    """``"mmstar,chartqa"`` or a list of names -> tasks, in the order given."""
+    names = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks)]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"no task given; choose from {', '.join(TASKS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a task is named twice in {', '.join(names)}")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown task {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}")
+    return [TASKS[name] for name in names]

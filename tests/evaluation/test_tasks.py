@@ -1,0 +1,199 @@
+"""The tasks on data in the benchmarks' published schemas: prompts as lmms-eval writes them, scores and
+aggregates of hand-made answers with hand-derived expectations, and the errors for data that does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import chartqa_features, mmstar_features, png, vqav2_features, vqav2_row, write_parquet
+from PIL import Image
+
+from tinyvlm.errors import ConfigError, DataError
+from tinyvlm.evaluation.runner import evaluate, run_task
+from tinyvlm.evaluation.tasks import TASKS, Sample, parse_tasks
+
+MMSTAR_POST = "\nAnswer with the option's letter from the given choices directly"
+
+
+class ScriptedVLM:
+    """Answers each prompt with a scripted text; records what each `generate` call received."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+        self.calls: list[dict[str, Any]] = []
+
+    def generate(self, prompts: list[list[dict[str, str]]], images: list[list[Any]], max_new_tokens: int) -> list[str]:
+        self.calls.append({"prompts": prompts, "images": images, "max_new_tokens": max_new_tokens})
+        assert all(len(turns) == 1 and turns[0]["role"] == "user" for turns in prompts)
+        return [self.answers[turns[0]["content"]] for turns in prompts]
+
+
+def mmstar_row(index: int, question: str, answer: str, category: str, l2: str) -> dict[str, Any]:
+    return {"index": index, "question": question, "image": png((index * 40, 0, 0)), "answer": answer,
+            "category": category, "l2_category": l2,
+            "meta_info": {"source": "test", "split": "val", "image_path": f"{index}.png"}}  # fmt: skip
+
+
+MMSTAR_ROWS = [
+    # (question, answer, category, l2 category, the model's answer, its score)
+    ("Which colour?\nOptions: A: red, B: blue, C: green, D: yellow", "A", "coarse perception", "image scene and topic", "A", 1),
+    ("Which shape?\nOptions: A: a, B: b, C: c, D: d", "B", "coarse perception", "image scene and topic", "The answer is (C).", 0),
+    (" Is it red? Please answer yes or no.\nOptions: A: yes, B: no ", "C", "coarse perception", "image style & quality", "  C\n\nbecause", 1),
+    ("How many?\nOptions: A: 1, B: 2, C: 3, D: 4", "D", "math", "geometry", "d", 0),
+    ("Which angle?\nOptions: A: 30, B: 45, C: 60, D: 90", "A", "math", "geometry", "B", 0),
+    ("Which side?\nOptions: A: left, B: right, C: top, D: bottom", "B", "math", "geometry", "(B) right", 1),
+]  # fmt: skip
+
+
+@pytest.fixture
+def mmstar_file(tmp_path: Path) -> Path:
+    rows = [mmstar_row(i, q, a, c, l2) for i, (q, a, c, l2, _, _) in enumerate(MMSTAR_ROWS)]
+    return write_parquet(tmp_path / "mmstar.parquet", rows, mmstar_features())
+
+
+def mmstar_prompt(question: str) -> str:
+    """lmms-eval's ``mmstar_doc_to_text`` with its default post-prompt, written out."""
+    return question.strip().replace(" Please answer yes or no.", "") + MMSTAR_POST
+
+
+def test_mmstar_samples_follow_the_published_schema(mmstar_file: Path) -> None:
+    samples, total = TASKS["mmstar"].samples(str(mmstar_file))
+    samples = list(samples)
+    assert total == len(samples) == 6
+    assert samples[2].messages == [{"role": "user", "content": "Is it red?\nOptions: A: yes, B: no" + MMSTAR_POST}]
+    assert [s.id for s in samples] == list(range(6))
+    assert samples[3].reference == "D" and samples[3].groups == {"category": "math", "l2_category": "geometry"}
+    image = samples[1].images[0]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.getpixel((0, 0)) == (40, 0, 0)
+
+
+def test_mmstar_scores_and_lmms_eval_aggregation(mmstar_file: Path) -> None:
+    """Per l2 category: scene [1, 0] -> 1/2, style [1] -> 1, geometry [0, 0, 1] -> 1/3. The headline
+    ``average`` is their mean, 11/18 (not the 3/6 of all samples); each category averages its own l2s."""
+    vlm = ScriptedVLM({mmstar_prompt(q): said for q, _, _, _, said, _ in MMSTAR_ROWS})
+    result = run_task(vlm, TASKS["mmstar"], data=str(mmstar_file), split=None, limit=None, batch_size=4,
+                      max_new_tokens=None, log_samples=True, progress=False)
+    assert result["metric"] == "average" and result["score"] == pytest.approx(11 / 18)
+    assert result["metrics"] == pytest.approx(
+        {"average": 11 / 18, "accuracy": 0.5, "coarse perception": 0.75, "math": 1 / 3}
+    )
+    assert result["groups"]["l2_category"]["geometry"] == {"score": pytest.approx(1 / 3), "samples": 3}
+    assert [entry["score"] for entry in result["log"]] == [float(s) for *_, s in MMSTAR_ROWS]
+    assert result["log"][2]["answer"] == "C" and result["log"][2]["generated"] == "  C\n\nbecause"
+    assert [len(call["prompts"]) for call in vlm.calls] == [4, 2]  # batches in the data's order
+    assert {call["max_new_tokens"] for call in vlm.calls} == {1024}  # MMStar sets none: the usual model default
+
+
+def test_mmstar_aggregation_equals_lmms_eval(mmstar_file: Path) -> None:
+    mmstar = pytest.importorskip("lmms_eval.tasks.mmstar.utils", reason="lmms-eval (the eval extra)")
+    samples = list(TASKS["mmstar"].samples(str(mmstar_file))[0])
+    said = [row[4] for row in MMSTAR_ROWS]
+    docs = [{"index": s.id, "answer": s.reference, **s.groups} for s in samples]
+    processed = [mmstar.mmstar_process_results(doc, [answer.split("\n\n")[0].strip()]) for doc, answer in zip(docs, said)]
+    expected = {"average": mmstar.mmstar_aggregate_results([p["average"] for p in processed])}
+    for category in ("coarse perception", "math"):
+        expected[category] = mmstar.mmstar_aggregate_results([p[category] for p in processed if category in p])
+    result = run_task(ScriptedVLM({mmstar_prompt(q): a for q, *_, a, _ in MMSTAR_ROWS}), TASKS["mmstar"],
+                      data=str(mmstar_file), split=None, limit=None, batch_size=8, max_new_tokens=None,
+                      log_samples=False, progress=False)
+    assert {k: v for k, v in result["metrics"].items() if k != "accuracy"} == pytest.approx(expected)
+
+
+def test_vqav2_soft_accuracy_per_question_and_answer_type(tmp_path: Path) -> None:
+    rows = [
+        vqav2_row(1001, "How many dogs?", ["two"] * 3 + ["three"] * 7, "number"),  # "Two" -> 3 of 10: 0.9
+        vqav2_row(2002, "Is it sunny?", ["yes"] * 10, "yes/no"),  # "Yes." -> 1
+        vqav2_row(3003, "What colour?", ["red"] + ["blue"] * 9, "other"),  # "red" (cut at the stop) -> 0.3
+    ]
+    data = write_parquet(tmp_path / "vqav2.parquet", rows, vqav2_features())
+    post = "\nAnswer the question using a single word or phrase."
+    vlm = ScriptedVLM({"How many dogs?" + post: "Two", "Is it sunny?" + post: "Yes.", "What colour?" + post: "red\n\nblue"})
+    result = run_task(vlm, TASKS["vqav2_val"], data=str(data), split=None, limit=None, batch_size=2,
+                      max_new_tokens=None, log_samples=True, progress=False)
+    assert result["metrics"] == pytest.approx({
+        "exact_match": (0.9 + 1 + 0.3) / 3, "answer_type/number": 0.9, "answer_type/yes/no": 1.0,
+        "answer_type/other": 0.3,
+    })  # fmt: skip
+    assert [entry["id"] for entry in result["log"]] == [1001, 2002, 3003]
+    assert result["log"][0]["reference"] == ["two"] * 3 + ["three"] * 7
+    assert {call["max_new_tokens"] for call in vlm.calls} == {16}
+
+
+def test_chartqa_relaxed_accuracy_and_its_splits(tmp_path: Path) -> None:
+    rows = [
+        {"type": "human_test", "question": "Value in 2019?", "answer": "12.5", "image": png((1, 2, 3))},  # "12": 4 %
+        {"type": "human_test", "question": "Is it rising?", "answer": "Yes", "image": png((1, 2, 3))},  # "yes"
+        {"type": "augmented_test", "question": "Share?", "answer": "50%", "image": png((1, 2, 3))},  # "0.5" = 50 %
+        {"type": "augmented_test", "question": "Lowest?", "answer": "-3.1", "image": png((1, 2, 3))},  # "3": wrong sign
+    ]
+    data = write_parquet(tmp_path / "chartqa.parquet", rows, chartqa_features())
+    post = "\nAnswer the question with a single word."
+    said = {"Value in 2019?": "12", "Is it rising?": "yes", "Share?": " 0.5 ", "Lowest?": "3"}
+    vlm = ScriptedVLM({q + post: a for q, a in said.items()})
+    result = run_task(vlm, TASKS["chartqa"], data=str(data), split=None, limit=3, batch_size=8,
+                      max_new_tokens=5, log_samples=False, progress=False)
+    assert result["samples"] == 3  # limit: the first three
+    assert result["metrics"] == pytest.approx({"relaxed_overall": 1.0, "relaxed_human_split": 1.0,
+                                               "relaxed_augmented_split": 1.0})
+    assert vlm.calls[0]["max_new_tokens"] == 5
+    full = run_task(vlm, TASKS["chartqa"], data=str(data), split=None, limit=None, batch_size=8,
+                    max_new_tokens=None, log_samples=False, progress=False)
+    assert full["metrics"] == pytest.approx({"relaxed_overall": 0.75, "relaxed_human_split": 1.0,
+                                             "relaxed_augmented_split": 0.5})
+
+
+def test_a_folder_reads_its_split_from_the_dataset_card(tmp_path: Path) -> None:
+    """A snapshot of a Hub dataset repo: the README's configs name the splits (MMStar's is ``val``)."""
+    folder = tmp_path / "MMStar"
+    (folder / "data").mkdir(parents=True)
+    rows = [mmstar_row(i, q, a, c, l2) for i, (q, a, c, l2, _, _) in enumerate(MMSTAR_ROWS)]
+    write_parquet(folder / "data" / "mmstar.parquet", rows, mmstar_features())
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: val\n"
+                                      "    path: data/mmstar.parquet\n---\n")
+    samples, _ = TASKS["mmstar"].samples(str(folder))
+    assert [s.reference for s in samples] == [row[1] for row in MMSTAR_ROWS]
+    with pytest.raises(DataError, match="--split"):
+        TASKS["mmstar"].samples(str(folder), "test")
+
+
+def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, mmstar_file: Path) -> None:
+    samples, _ = TASKS["vqav2_val"].samples(str(mmstar_file))  # MMStar's columns for VQAv2
+    with pytest.raises(DataError, match=r"row 0: no column 'answers'; vqav2_val reads question_id, question, answers"):
+        next(samples)
+    with pytest.raises(DataError, match="no such file"):
+        TASKS["mmstar"].samples(str(tmp_path / "missing.parquet"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="expected a parquet file"):
+        TASKS["mmstar"].samples(str(tmp_path / "notes.txt"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="cannot read it as parquet"):
+        TASKS["mmstar"].samples(str(tmp_path / "broken.parquet"))
+    with pytest.raises(DataError, match="expected hf-dataset:ORG/NAME"):
+        TASKS["mmstar"].samples("hf-dataset:just-a-name")
+    with pytest.raises(ConfigError, match="needs data"):
+        TASKS["exact_match"].samples()
+    with pytest.raises(DataError, match="JSONL"):
+        TASKS["exact_match"].samples(str(mmstar_file))
+
+
+def test_task_names_and_options_are_checked() -> None:
+    assert [t.name for t in parse_tasks("mmstar, chartqa")] == ["mmstar", "chartqa"]
+    assert [t.name for t in parse_tasks(["vqav2_val"])] == ["vqav2_val"]
+    for tasks, message in [("mmstar,mmstar", "named twice"), ("mmstar,gqa", "unknown task 'gqa'"), (" , ", "no task")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_tasks(tasks)
+    vlm = ScriptedVLM({})
+    with pytest.raises(ConfigError, match="one task at a time"):
+        evaluate(vlm, "mmstar,chartqa", data="x.parquet")
+    with pytest.raises(ConfigError, match="limit must be at least 1"):
+        evaluate(vlm, "mmstar", limit=0)
+    with pytest.raises(ConfigError, match="must be a tinyvlm.VLM or a model name"):
+        evaluate(vlm, "mmstar")
+
+
+def test_answers_are_cut_at_the_stop_strings_and_stripped() -> None:
+    assert TASKS["mmstar"].answer("  B\n\nThe reason is") == "B"
+    assert TASKS["exact_match"].answer(" red\n\n") == "red"  # no stop strings: only stripped
+    assert Sample(id=0, messages=[{"role": "user", "content": "q"}], images=[], reference="r").prompt == "q"
