@@ -8,8 +8,9 @@ lmms-eval imports it.
 `TinyVLMModel` is a *simple* model (lmms-eval's ``doc_to_visual`` + ``doc_to_text`` interface): a request's
 context becomes one user turn with the request's images before it, formatted as tinyvlm formats training
 conversations, exactly as ``tinyvlm eval`` prompts (so both give the same answers). It implements
-``generate_until`` (batched, in the requests' order), ``loglikelihood`` (the continuation's log-probability
-after the prompt's generation prompt, and whether greedy decoding would produce it) and
+``generate_until`` (batched, in the requests' order), ``loglikelihood`` (the continuation's mean loss after
+the prompt's generation prompt, as lmms-eval's evaluator expects, and whether greedy decoding would produce
+it) and
 ``generate_until_multi_round``.
 
 ``--model_args``: ``pretrained`` (what ``tinyvlm generate --model`` takes), ``dtype`` (``float32``,
@@ -27,7 +28,6 @@ from typing import Any, Sequence
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS
@@ -37,8 +37,11 @@ MODEL_ID = "tinyvlm"
 GENERATION_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams"}
 
 
-def manifests() -> list[ModelManifest]:
-    """The entry point's payload: one simple model, ``tinyvlm``."""
+def manifests() -> list[Any]:
+    """The entry point's payload: one simple model, ``tinyvlm``. (``lmms_eval.models`` is imported here, not
+    at the top: importing it loads the entry points, which import this module.)"""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return [ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.TinyVLMModel")]
 
 
@@ -154,8 +157,13 @@ class TinyVLMModel(lmms):
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """``(log p(continuation | prompt), greedy)``: the prompt is the user turn with its generation prompt
-        (where the answer starts), the continuation's tokens follow it (tokenised on their own)."""
+        """``(loss, greedy)`` per request: the mean cross-entropy of the continuation's tokens after the prompt
+        (the user turn and its generation prompt, where the answer starts; the continuation tokenised on its
+        own), and whether greedy decoding would produce exactly those tokens.
+
+        The loss, not the log-probability the base class's docstring names: lmms-eval 0.7.3 ranks
+        multiple-choice options with ``argmin`` (``api/task.py``) because its models return the mean loss
+        (llava, llava_hf, qwen_vl, ...; lmms-eval issue #370), so that is what its evaluator expects."""
         processor = self.vlm.processor
         results = []
         for context, target, doc_to_visual, doc_id, task, split in (request.args for request in requests):
@@ -163,10 +171,10 @@ class TinyVLMModel(lmms):
             continuation = target(doc) if callable(target) else target
             if not isinstance(continuation, str):
                 raise DataError(f"{task} doc {doc_id}: the continuation to score is {continuation!r}, not a string")
-            results.append(self._continuation_logprob(processor, context, self._images(doc_to_visual(doc)), continuation))
+            results.append(self._continuation_loss(processor, context, self._images(doc_to_visual(doc)), continuation))
         return results
 
-    def _continuation_logprob(self, processor: Any, context: str, images: list[Any], continuation: str) -> tuple[float, bool]:
+    def _continuation_loss(self, processor: Any, context: str, images: list[Any], continuation: str) -> tuple[float, bool]:
         prompt_ids, loaded = processor.encode_prompt(self._turn(context), images)
         continuation_ids = self.vlm.tokenizer.encode(continuation, add_special_tokens=False)
         if not continuation_ids:
@@ -175,6 +183,6 @@ class TinyVLMModel(lmms):
         pixel_values = processor.pixel_values(loaded) if loaded else None
         logits = self.vlm(input_ids, pixel_values=pixel_values).logits[0, len(prompt_ids) - 1 : -1].float()
         targets = torch.tensor(continuation_ids, device=logits.device)
-        logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).sum()
-        return float(logprob), bool((logits.argmax(-1) == targets).all())
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return float(loss), bool((logits.argmax(-1) == targets).all())
 
