@@ -77,8 +77,12 @@ def test_generate_until_answers_as_vlm_generate(plugin: TinyVLMModel, docs: list
     assert two == [full.split("B")[0]]
     with pytest.raises(ConfigError, match="num_beams"):
         plugin.generate_until([request("generate_until", 0, "q", {"num_beams": 4}, visual, 0, "shapes", "val")])
-    with pytest.raises(ConfigError, match="repetition_penalty"):
-        plugin.generate_until([request("generate_until", 0, "q", {"repetition_penalty": 1.2}, visual, 0, "shapes", "val")])
+    with pytest.raises(ConfigError, match="length_penalty"):
+        plugin.generate_until([request("generate_until", 0, "q", {"length_penalty": 1.2}, visual, 0, "shapes", "val")])
+    penalised = plugin.generate_until([request("generate_until", 0, question(docs[0]), {"repetition_penalty": 1.5},
+                                               visual, 0, "shapes", "val")])  # fmt: skip
+    assert penalised == [plugin.vlm.generate([{"role": "user", "content": question(docs[0])}], images=visual(docs[0]),
+                                             max_new_tokens=TOKENS, repetition_penalty=1.5)]
 
 
 def test_loglikelihood_is_the_loss_of_vlm_forward(plugin: TinyVLMModel, docs: list[dict[str, Any]]) -> None:

@@ -18,16 +18,19 @@ MMSTAR_POST = "\nAnswer with the option's letter from the given choices directly
 
 
 class ScriptedVLM:
-    """Answers each prompt with a scripted text; records what each `generate` call received."""
+    """Answers each prompt with a scripted text, ended before the first stop string as `VLM.generate`
+    ends it; records what each call received."""
 
     def __init__(self, answers: dict[str, str]):
         self.answers = answers
         self.calls: list[dict[str, Any]] = []
 
-    def generate(self, prompts: list[list[dict[str, str]]], images: list[list[Any]], max_new_tokens: int) -> list[str]:
-        self.calls.append({"prompts": prompts, "images": images, "max_new_tokens": max_new_tokens})
+    def generate(self, prompts: list[list[dict[str, str]]], images: list[list[Any]], max_new_tokens: int,
+                 stop: list[str]) -> list[str]:
+        self.calls.append({"prompts": prompts, "images": images, "max_new_tokens": max_new_tokens, "stop": stop})
         assert all(len(turns) == 1 and turns[0]["role"] == "user" for turns in prompts)
-        return [self.answers[turns[0]["content"]] for turns in prompts]
+        answers = [self.answers[turns[0]["content"]] for turns in prompts]
+        return [min((a.split(s, 1)[0] for s in stop), key=len, default=a) for a in answers]
 
 
 def mmstar_row(index: int, question: str, answer: str, category: str, l2: str) -> dict[str, Any]:
@@ -81,9 +84,10 @@ def test_mmstar_scores_and_lmms_eval_aggregation(mmstar_file: Path) -> None:
     )
     assert result["groups"]["l2_category"]["geometry"] == {"score": pytest.approx(1 / 3), "samples": 3}
     assert [entry["score"] for entry in result["log"]] == [float(s) for *_, s in MMSTAR_ROWS]
-    assert result["log"][2]["answer"] == "C" and result["log"][2]["generated"] == "  C\n\nbecause"
+    assert result["log"][2]["answer"] == "C" and result["log"][2]["generated"] == "  C"
     assert [len(call["prompts"]) for call in vlm.calls] == [4, 2]  # batches in the data's order
     assert {call["max_new_tokens"] for call in vlm.calls} == {1024}  # MMStar sets none: the usual model default
+    assert all(call["stop"] == ["\n\n"] for call in vlm.calls)  # lmms-eval's default until
 
 
 def test_mmstar_aggregation_equals_lmms_eval(mmstar_file: Path) -> None:
@@ -118,7 +122,7 @@ def test_vqav2_soft_accuracy_per_question_and_answer_type(tmp_path: Path) -> Non
     })  # fmt: skip
     assert [entry["id"] for entry in result["log"]] == [1001, 2002, 3003]
     assert result["log"][0]["reference"] == ["two"] * 3 + ["three"] * 7
-    assert {call["max_new_tokens"] for call in vlm.calls} == {16}
+    assert {call["max_new_tokens"] for call in vlm.calls} == {16} and vlm.calls[0]["stop"] == ["\n\n"]
 
 
 def test_chartqa_relaxed_accuracy_and_its_splits(tmp_path: Path) -> None:
@@ -193,7 +197,38 @@ def test_task_names_and_options_are_checked() -> None:
         evaluate(vlm, "mmstar")
 
 
-def test_answers_are_cut_at_the_stop_strings_and_stripped() -> None:
-    assert TASKS["mmstar"].answer("  B\n\nThe reason is") == "B"
-    assert TASKS["exact_match"].answer(" red\n\n") == "red"  # no stop strings: only stripped
-    assert Sample(id=0, messages=[{"role": "user", "content": "q"}], images=[], reference="r").prompt == "q"
+def test_prompts_limits_and_sources_equal_lmms_eval_task_files() -> None:
+    """Each task's post-prompt, max_new_tokens, stop strings, dataset and split, read from lmms-eval's own task
+    YAML files and its TaskConfig (which adds ``until`` when a task sets none)."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval (the eval extra)")
+    import importlib.resources
+
+    import yaml
+    from lmms_eval.api.task import TaskConfig
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)  # the !function tags
+    folder = importlib.resources.files("lmms_eval") / "tasks"
+
+    def read(*names: str) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for name in names:  # the template first, the task's own file over it
+            merged.update(yaml.load((folder / name).read_text(), Loader=Loader))
+        return merged
+
+    files = {"mmstar": ("mmstar/_default_template_yaml", "mmstar/mmstar.yaml"),
+             "vqav2_val": ("vqav2/_default_template_vqav2_yaml", "vqav2/vqav2_val.yaml"),
+             "chartqa": ("chartqa/chartqa.yaml",)}  # fmt: skip
+    for name, paths in files.items():
+        config, task = read(*paths), TASKS[name]
+        assert config["lmms_eval_specific_kwargs"]["default"] == {"pre_prompt": "", "post_prompt": task.post_prompt}
+        assert task.source == f"hf-dataset:{config['dataset_path']}" and task.split == config["test_split"]
+        kwargs = TaskConfig(task=name, output_type="generate_until", generation_kwargs=config.get("generation_kwargs")).generation_kwargs
+        assert tuple(kwargs["until"]) == task.until
+        assert kwargs.get("max_new_tokens", 1024) == task.max_new_tokens  # 1024: lmms-eval's usual model default
+
+
+def test_answers_are_stripped() -> None:
+    assert TASKS["mmstar"].answer("  B ") == "B"

@@ -34,7 +34,8 @@ from tinyvlm.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS
 
 MODEL_ID = "tinyvlm"
 #: ``generation_kwargs`` keys this model reads; any other is refused rather than ignored.
-GENERATION_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams"}
+GENERATION_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams",
+                   "repetition_penalty"}
 
 
 def manifests() -> list[Any]:
@@ -101,26 +102,25 @@ class TinyVLMModel(lmms):
         return [{"role": "user", "content": context}]
 
     def _generate(self, contexts: Sequence[str], images: Sequence[list[Any]], gen_kwargs: dict[str, Any]) -> list[str]:
-        """Answers to a batch that shares ``gen_kwargs``, each cut before its first ``until`` string."""
+        """Answers to a batch that shares ``gen_kwargs``, each ending before its first ``until`` string.
+        Greedy unless ``do_sample`` (then ``temperature``, default 1, ``top_k``, ``top_p``), as transformers'
+        ``generate`` reads these keys in lmms-eval's models."""
         unknown = set(gen_kwargs) - GENERATION_KEYS
         if unknown:
             raise ConfigError(f"generation_kwargs {', '.join(sorted(unknown))} are not supported by tinyvlm")
         if int(gen_kwargs.get("num_beams", 1)) != 1:
             raise ConfigError("tinyvlm decodes greedily or by sampling: num_beams must be 1")
         sampling = bool(gen_kwargs.get("do_sample", False))
-        answers = self.vlm.generate(
+        until = gen_kwargs.get("until") or []
+        return self.vlm.generate(
             [self._turn(context) for context in contexts], images=list(images),
             max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
             temperature=float(gen_kwargs.get("temperature", 1.0)) if sampling else 0.0,
             top_k=gen_kwargs.get("top_k") if sampling else None,
             top_p=gen_kwargs.get("top_p") if sampling else None,
+            repetition_penalty=gen_kwargs.get("repetition_penalty"),
+            stop=[stop for stop in ([until] if isinstance(until, str) else until) if stop],
         )
-        until = gen_kwargs.get("until") or []
-        stops = [until] if isinstance(until, str) else list(until)
-        for stop in stops:
-            if stop:
-                answers = [answer.split(stop, 1)[0] for answer in answers]
-        return answers
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Batches of up to ``batch_size`` consecutive requests with equal generation settings, in order."""

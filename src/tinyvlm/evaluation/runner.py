@@ -2,8 +2,8 @@
 
 Generation is greedy (lmms-eval's default for these tasks: no sampling), batched ``batch_size`` questions
 at a time in the order the dataset stores them, so a run is deterministic and any sample's answer can be
-found again. The answer is cut before the task's stop strings and stripped, then scored (`tinyvlm.
-evaluation.tasks`). Results are one JSON object; ``output`` writes it atomically (a temporary file in the
+found again. Each answer ends at the model's end-of-turn token or before the task's first stop string
+(lmms-eval's ``until``), is stripped, then scored (`tinyvlm.evaluation.tasks`). Results are one JSON object; ``output`` writes it atomically (a temporary file in the
 same folder, renamed into place).
 """
 
@@ -90,7 +90,7 @@ def run_task(
     for batch in _batches(samples, batch_size):
         generated = vlm.generate(
             [sample.messages for sample in batch], images=[sample.images for sample in batch],
-            max_new_tokens=limit_tokens,
+            max_new_tokens=limit_tokens, stop=list(task.until),
         )
         for sample, text in zip(batch, generated):
             answer = task.answer(text)

@@ -92,9 +92,8 @@ class Task:
         raise NotImplementedError
 
     def answer(self, generated: str) -> str:
-        """The generated text as lmms-eval scores it: cut before the first ``until`` string, stripped."""
-        for stop in self.until:
-            generated = generated.split(stop, 1)[0]
+        """The generated text (which ends before the first ``until`` string: `VLM.generate`'s ``stop``) as
+        lmms-eval scores it: stripped."""
         return generated.strip()
 
 
