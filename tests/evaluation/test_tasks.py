@@ -176,7 +176,9 @@ def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, mmstar_file: Pa
         TASKS["mmstar"].samples(str(tmp_path / "broken.parquet"))
     with pytest.raises(DataError, match="expected hf-dataset:ORG/NAME"):
         TASKS["mmstar"].samples("hf-dataset:just-a-name")
-    with pytest.raises(ConfigError, match="needs data"):
+    with pytest.raises(DataError, match=r"hf-dataset:Lin-Chen/MMStar: cannot open split 'val'"):
+        TASKS["mmstar"].samples()  # the Hub dataset, offline here
+    with pytest.raises(ConfigError, match="has no default data"):
         TASKS["exact_match"].samples()
     with pytest.raises(DataError, match="JSONL"):
         TASKS["exact_match"].samples(str(mmstar_file))

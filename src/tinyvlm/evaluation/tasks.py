@@ -11,15 +11,19 @@ training conversations (the chat template, or the plain transcript of a base dec
 
 from __future__ import annotations
 
+import abc
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation import metrics
-from tinyvlm.evaluation.rows import as_image, read_rows
+from tinyvlm.evaluation.rows import Rows, as_image, read_rows
+
+if TYPE_CHECKING:
+    from tinyvlm.data import Record
 
 #: lmms-eval's ``until`` when a task's ``generation_kwargs`` set none (``api/task.py``: its fewshot
 #: delimiter).
@@ -49,9 +53,9 @@ class Sample:
 Scored = Sequence[tuple[Sample, float]]
 
 
-class Task:
+class Task(abc.ABC):
     """A benchmark: where its data is (``source``, ``split``), how a row becomes a `Sample` (``columns``
-    it needs), how an answer is scored, and how the scores add up (``metric`` is the headline)."""
+    it reads), how an answer is scored, and how the scores add up (``metric`` is the headline)."""
 
     name: ClassVar[str]
     columns: ClassVar[str]
@@ -68,7 +72,7 @@ class Task:
         source = source or self.source
         if source is None:
             raise ConfigError(f"task {self.name!r} has no default data: give it with --data (data=...)")
-        rows = read_rows(source, split or self.split)
+        rows = self.rows(source, split or self.split)
 
         def build() -> Iterator[Sample]:
             for index, row in enumerate(rows.rows):
@@ -82,14 +86,17 @@ class Task:
 
         return build(), rows.length
 
-    def sample(self, row: dict[str, Any], index: int) -> Sample:
-        raise NotImplementedError
+    def rows(self, source: str, split: str) -> Rows:
+        return read_rows(source, split)
 
-    def score(self, prediction: str, reference: Any) -> float:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sample(self, row: Any, index: int) -> Sample: ...
 
-    def aggregate(self, scored: Scored) -> dict[str, float]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def score(self, prediction: str, reference: Any) -> float: ...
+
+    @abc.abstractmethod
+    def aggregate(self, scored: Scored) -> dict[str, float]: ...
 
     def answer(self, generated: str) -> str:
         """The generated text (which ends before the first ``until`` string: `VLM.generate`'s ``stop``) as
@@ -227,24 +234,26 @@ class ExactMatch(Task):
     name = "exact_match"
     columns = "tinyvlm's training records (LLaVA or messages style)"
     source = None
-    split = "train"
+    split = "train"  # unused: a JSONL file is one set of records
     metric = "exact_match"
     post_prompt = ""
     max_new_tokens = 32  # TrainConfig.max_new_tokens, as in training's held-out evaluation
     until = ()
 
-    def samples(self, source: str | None = None, split: str | None = None) -> tuple[Iterator[Sample], int | None]:
+    def rows(self, source: str, split: str) -> Rows:
+        """The records of a JSONL file (``split`` does not apply), checked up front as training checks them."""
         from tinyvlm.data import read_records
 
-        if source is None:
-            raise ConfigError("task 'exact_match' needs data: give a JSONL file of records with --data (data=...)")
         if Path(source).suffix != ".jsonl":
             raise DataError(
                 f"{source}: the exact_match task reads tinyvlm's training records from a JSONL file (for a "
                 f"benchmark in its own schema choose its task: {', '.join(n for n in TASKS if n != self.name)})"
             )
         records = read_records(source)
-        return (Sample(id=r.where, messages=r.prompt, images=list(r.images), reference=r.answer) for r in records), len(records)
+        return Rows(source, iter(records), len(records))
+
+    def sample(self, row: Record, index: int) -> Sample:
+        return Sample(id=row.where, messages=row.prompt, images=list(row.images), reference=row.answer)
 
     def score(self, prediction: str, reference: str) -> float:
         from tinyvlm.training.loop import normalize_answer
