@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import chartqa_features, mmstar_features, png, vqav2_features, vqav2_row, write_parquet
 from PIL import Image
 
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation.runner import evaluate, run_task
 from tinyvlm.evaluation.tasks import TASKS, Sample, parse_tasks
+
+from .schemas import chartqa_features, mmstar_features, png, vqav2_features, vqav2_row, write_parquet
 
 MMSTAR_POST = "\nAnswer with the option's letter from the given choices directly"
 
@@ -62,9 +63,9 @@ def mmstar_prompt(question: str) -> str:
 
 
 def test_mmstar_samples_follow_the_published_schema(mmstar_file: Path) -> None:
-    samples, total = TASKS["mmstar"].samples(str(mmstar_file))
-    samples = list(samples)
-    assert total == len(samples) == 6
+    chosen = TASKS["mmstar"].samples(str(mmstar_file))
+    samples = list(chosen.items)
+    assert chosen.length == len(samples) == 6 and chosen.name == str(mmstar_file)  # a file is one split
     assert samples[2].messages == [{"role": "user", "content": "Is it red?\nOptions: A: yes, B: no" + MMSTAR_POST}]
     assert [s.id for s in samples] == list(range(6))
     assert samples[3].reference == "D" and samples[3].groups == {"category": "math", "l2_category": "geometry"}
@@ -92,7 +93,7 @@ def test_mmstar_scores_and_lmms_eval_aggregation(mmstar_file: Path) -> None:
 
 def test_mmstar_aggregation_equals_lmms_eval(mmstar_file: Path) -> None:
     mmstar = pytest.importorskip("lmms_eval.tasks.mmstar.utils", reason="lmms-eval (the eval extra)")
-    samples = list(TASKS["mmstar"].samples(str(mmstar_file))[0])
+    samples = list(TASKS["mmstar"].samples(str(mmstar_file)).items)
     said = [row[4] for row in MMSTAR_ROWS]
     docs = [{"index": s.id, "answer": s.reference, **s.groups} for s in samples]
     processed = [mmstar.mmstar_process_results(doc, [answer.split("\n\n")[0].strip()]) for doc, answer in zip(docs, said)]
@@ -156,14 +157,15 @@ def test_a_folder_reads_its_split_from_the_dataset_card(tmp_path: Path) -> None:
     write_parquet(folder / "data" / "mmstar.parquet", rows, mmstar_features())
     (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: val\n"
                                       "    path: data/mmstar.parquet\n---\n")
-    samples, _ = TASKS["mmstar"].samples(str(folder))
-    assert [s.reference for s in samples] == [row[1] for row in MMSTAR_ROWS]
+    chosen = TASKS["mmstar"].samples(str(folder))
+    assert [s.reference for s in chosen.items] == [row[1] for row in MMSTAR_ROWS]
+    assert chosen.name == f"{folder} (val)"
     with pytest.raises(DataError, match="--split"):
         TASKS["mmstar"].samples(str(folder), "test")
 
 
 def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, mmstar_file: Path) -> None:
-    samples, _ = TASKS["vqav2_val"].samples(str(mmstar_file))  # MMStar's columns for VQAv2
+    samples = TASKS["vqav2_val"].samples(str(mmstar_file)).items  # MMStar's columns for VQAv2
     with pytest.raises(DataError, match=r"row 0: no column 'answers'; vqav2_val reads question_id, question, answers"):
         next(samples)
     with pytest.raises(DataError, match="no such file"):
@@ -182,6 +184,8 @@ def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, mmstar_file: Pa
         TASKS["exact_match"].samples()
     with pytest.raises(DataError, match="JSONL"):
         TASKS["exact_match"].samples(str(mmstar_file))
+    with pytest.raises(ConfigError, match="one parquet file, one split"):
+        TASKS["mmstar"].samples(str(mmstar_file), "val")
 
 
 def test_task_names_and_options_are_checked() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from tinyvlm.errors import DataError
+from tinyvlm.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,9 +33,11 @@ class Rows:
     length: int | None
 
 
-def read_rows(source: str, split: str) -> Rows:
-    """The rows of ``split`` of ``source`` (see the module docstring), images decoded by ``datasets``."""
+def read_rows(source: str, split: str | None, *, default_split: str) -> Rows:
+    """The rows of ``split`` (None: ``default_split``) of ``source`` (see the module docstring), images
+    decoded by ``datasets``. A parquet file is one split: naming one for it is a `ConfigError`."""
     datasets = require_datasets()
+    chosen, split = split, split or default_split
     if source.startswith(HF_DATASET):
         repo, config, revision = _hub_dataset(source)
         try:
@@ -49,6 +51,9 @@ def read_rows(source: str, split: str) -> Rows:
     if path.is_file() and path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        if chosen is not None:
+            raise ConfigError(f"--split {chosen}: {source} is one parquet file, one split; splits are chosen in "
+                              "folders and hf-dataset: sources")
         try:
             length = pq.ParquetFile(path).metadata.num_rows
         except Exception as error:  # pyarrow's ArrowInvalid: not a parquet file

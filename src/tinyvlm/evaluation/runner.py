@@ -78,7 +78,8 @@ def run_task(
 ) -> dict[str, Any]:
     """One task's results: the headline ``metric`` and ``score``, all ``metrics``, per-group means and
     counts, timing, and (``log_samples``) the samples."""
-    samples, total = task.samples(data, split)
+    chosen = task.samples(data, split)
+    samples, total = chosen.items, chosen.length
     if limit is not None:
         samples = islice(samples, limit)
         total = limit if total is None else min(total, limit)
@@ -111,8 +112,7 @@ def run_task(
         "metrics": metrics,
         "groups": _groups(scored),
         "samples": len(scored),
-        "data": data or task.source,
-        "split": split or task.split,
+        "data": chosen.name,
         "prompt": {"post_prompt": task.post_prompt, "max_new_tokens": limit_tokens, "until": list(task.until)},
         "seconds": round(seconds, 3),
         "seconds_per_100_samples": round(100 * seconds / len(scored), 3),

@@ -53,6 +53,16 @@ class Sample:
 Scored = Sequence[tuple[Sample, float]]
 
 
+@dataclass
+class Samples:
+    """A task's samples, in stored order: ``name`` says where they come from (the source, and the split
+    where one was chosen), ``length`` how many there are (None when unknown before reading)."""
+
+    name: str
+    items: Iterator[Sample]
+    length: int | None
+
+
 class Task(abc.ABC):
     """A benchmark: where its data is (``source``, ``split``), how a row becomes a `Sample` (``columns``
     it reads), how an answer is scored, and how the scores add up (``metric`` is the headline)."""
@@ -60,19 +70,18 @@ class Task(abc.ABC):
     name: ClassVar[str]
     columns: ClassVar[str]
     source: ClassVar[str | None]
-    split: ClassVar[str]
+    split: ClassVar[str | None]
     metric: ClassVar[str]
     post_prompt: ClassVar[str]
     max_new_tokens: ClassVar[int]
     until: ClassVar[tuple[str, ...]]
 
-    def samples(self, source: str | None = None, split: str | None = None) -> tuple[Iterator[Sample], int | None]:
-        """The samples of the task's data (or of ``source`` / ``split``) in stored order, and how many there
-        are (None when unknown before reading)."""
+    def samples(self, source: str | None = None, split: str | None = None) -> Samples:
+        """The samples of the task's data, or of ``source`` / ``split``."""
         source = source or self.source
         if source is None:
             raise ConfigError(f"task {self.name!r} has no default data: give it with --data (data=...)")
-        rows = self.rows(source, split or self.split)
+        rows = self.rows(source, split)
 
         def build() -> Iterator[Sample]:
             for index, row in enumerate(rows.rows):
@@ -84,10 +93,10 @@ class Task(abc.ABC):
                         f"(the row has {', '.join(sorted(row)) or 'no columns'})"
                     ) from None
 
-        return build(), rows.length
+        return Samples(rows.name, build(), rows.length)
 
-    def rows(self, source: str, split: str) -> Rows:
-        return read_rows(source, split)
+    def rows(self, source: str, split: str | None) -> Rows:
+        return read_rows(source, split, default_split=self.split)
 
     @abc.abstractmethod
     def sample(self, row: Any, index: int) -> Sample: ...
@@ -234,16 +243,18 @@ class ExactMatch(Task):
     name = "exact_match"
     columns = "tinyvlm's training records (LLaVA or messages style)"
     source = None
-    split = "train"  # unused: a JSONL file is one set of records
+    split = None  # a JSONL file has no splits
     metric = "exact_match"
     post_prompt = ""
     max_new_tokens = 32  # TrainConfig.max_new_tokens, as in training's held-out evaluation
     until = ()
 
-    def rows(self, source: str, split: str) -> Rows:
-        """The records of a JSONL file (``split`` does not apply), checked up front as training checks them."""
+    def rows(self, source: str, split: str | None) -> Rows:
+        """The records of a JSONL file, checked up front as training checks them (a file has no splits)."""
         from tinyvlm.data import read_records
 
+        if split is not None:
+            raise ConfigError(f"--split {split}: a JSONL file of records has no splits")
         if Path(source).suffix != ".jsonl":
             raise DataError(
                 f"{source}: the exact_match task reads tinyvlm's training records from a JSONL file (for a "
