@@ -1,7 +1,7 @@
 """Evaluation figures on the CPU: the demo recipe's scores on held-out shapes questions in MMStar's schema,
 and how long ``tinyvlm eval`` takes per 100 samples.
 
-    python benchmarks/eval.py [--steps 1200] [--images 3000] [--held-out 300] [--threads 2] [--rounds 3]
+    python benchmarks/eval.py [--steps 1200] [--images 3000] [--held-out 300] [--threads 1] [--rounds 3]
 
 1. Data (`tinyvlm.demo`, `tinyvlm.evaluation.shapes`): the demo's ``--images`` free-form shapes questions,
    as many multiple-choice ones ("What colour is the shape?\\nOptions: A: blue, B: red, ..." -> "B"), and
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--images", type=int, default=IMAGES)
     parser.add_argument("--held-out", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a busy machine more are slower)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", help="keep the data and models here (default: a temporary folder)")
     args = parser.parse_args()
