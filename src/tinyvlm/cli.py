@@ -273,9 +273,9 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--model", required=True, help="saved VLM folder, local-dir:PATH, hf-hub:ORG/NAME or a zoo key")
     evaluate.add_argument("--task", required=True, metavar="TASK[,TASK]", help=f"one or more of {', '.join(TASKS)}")
-    evaluate.add_argument("--data", metavar="SOURCE", help="the task's data instead of its Hub dataset: a parquet file, "
-                          "a dataset folder (e.g. a local copy), hf-dataset:ORG/NAME[/CONFIG][@REV]; for exact_match a "
-                          "JSONL file of training records (one task only)")
+    evaluate.add_argument("--data", metavar="SOURCE", help="the task's data instead of its Hub dataset, as training reads "
+                          "sources: a parquet file or folder, a save_to_disk folder, hf-dataset:ORG/NAME[/CONFIG][@REV]; "
+                          "for exact_match also JSONL / JSON records (one task only)")
     evaluate.add_argument("--split", help="the split to read (default: the task's, e.g. val for mmstar)")
     evaluate.add_argument("--limit", type=int, metavar="N", help="the first N samples of each task")
     evaluate.add_argument("--batch-size", type=int, default=8, metavar="B", help="questions answered together (default 8)")

@@ -103,7 +103,7 @@ def test_eval_command(shapes: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
     [
         (["--task", "gqa"], "unknown task 'gqa'; choose from mmstar, vqav2_val, chartqa, exact_match"),
         (["--task", "mmstar,chartqa", "--data", "x.parquet"], "one task at a time"),
-        (["--task", "mmstar", "--data", "missing.parquet"], "missing.parquet: expected a parquet file"),
+        (["--task", "mmstar", "--data", "missing.parquet"], "missing.parquet: no such file or folder"),
         (["--task", "exact_match"], "has no default data: give it with --data"),
         (["--task", "mmstar", "--threads", "0"], "--threads must be at least 1"),
     ],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 from PIL import Image
 
@@ -149,19 +150,36 @@ def test_chartqa_relaxed_accuracy_and_its_splits(tmp_path: Path) -> None:
                                              "relaxed_augmented_split": 0.5})
 
 
-def test_a_folder_reads_its_split_from_the_dataset_card(tmp_path: Path) -> None:
-    """A snapshot of a Hub dataset repo: the README's configs name the splits (MMStar's is ``val``)."""
-    folder = tmp_path / "MMStar"
-    (folder / "data").mkdir(parents=True)
+def test_folders_hold_splits(tmp_path: Path) -> None:
+    """The sources training reads (`tinyvlm.data`): a save_to_disk DatasetDict by its split names, a folder of
+    parquet files by the Hub's file names; the task's split is the default."""
     rows = [mmstar_row(i, q, a, c, l2) for i, (q, a, c, l2, _, _) in enumerate(MMSTAR_ROWS)]
-    write_parquet(folder / "data" / "mmstar.parquet", rows, mmstar_features())
-    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: val\n"
-                                      "    path: data/mmstar.parquet\n---\n")
-    chosen = TASKS["mmstar"].samples(str(folder))
+    table = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in mmstar_features()},
+                                       features=datasets.Features(mmstar_features()))  # fmt: skip
+    datasets.DatasetDict({"val": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "saved"))
+    chosen = TASKS["mmstar"].samples(str(tmp_path / "saved"))
     assert [s.reference for s in chosen.items] == [row[1] for row in MMSTAR_ROWS]
-    assert chosen.name == f"{folder} (val)"
-    with pytest.raises(DataError, match="--split"):
-        TASKS["mmstar"].samples(str(folder), "test")
+    assert chosen.name == f"{tmp_path / 'saved'} (split val)" and chosen.length == 6
+    assert len(list(TASKS["mmstar"].samples(str(tmp_path / "saved"), "test").items)) == 1
+    with pytest.raises(DataError, match=r"no split 'dev' \(it has 'test', 'val'\).*tinyvlm eval: --split"):
+        TASKS["mmstar"].samples(str(tmp_path / "saved"), "dev")
+    (tmp_path / "vqa").mkdir()
+    write_parquet(tmp_path / "vqa" / "validation-00000-of-00001.parquet",
+                  [vqav2_row(7, "Why?", ["yes"] * 10, "yes/no")], vqav2_features())  # fmt: skip
+    assert [s.id for s in TASKS["vqav2_val"].samples(str(tmp_path / "vqa")).items] == [7]
+
+
+def test_exact_match_reads_training_schemas(tmp_path: Path) -> None:
+    """Records in a dataset (here the messages schema with image bytes) are read as training reads them."""
+    features = {"images": [datasets.Image()], "messages": [{"role": datasets.Value("string"),
+                                                              "content": datasets.Value("string")}]}  # fmt: skip
+    rows = [{"images": [png((0, 0, 255))], "messages": [{"role": "user", "content": "<image>Colour?"},
+                                                        {"role": "assistant", "content": "Blue"}]}]  # fmt: skip
+    data = write_parquet(tmp_path / "records.parquet", rows, features)
+    [sample] = TASKS["exact_match"].samples(str(data)).items
+    assert sample.messages == [{"role": "user", "content": "<image>Colour?"}] and sample.reference == "Blue"
+    assert sample.images[0].getpixel((0, 0)) == (0, 0, 255)
+    assert TASKS["exact_match"].score(" blue ", sample.reference) == 1.0  # training's normalisation
 
 
 def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, mmstar_file: Path) -> None:
@@ -171,20 +189,24 @@ def test_data_that_does_not_fit_is_a_clear_error(tmp_path: Path, mmstar_file: Pa
     with pytest.raises(DataError, match="no such file"):
         TASKS["mmstar"].samples(str(tmp_path / "missing.parquet"))
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="expected a parquet file"):
+    with pytest.raises(DataError, match="unknown kind of data file"):
         TASKS["mmstar"].samples(str(tmp_path / "notes.txt"))
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
-    with pytest.raises(DataError, match="cannot read it as parquet"):
+    with pytest.raises(DataError, match="cannot read the parquet files"):
         TASKS["mmstar"].samples(str(tmp_path / "broken.parquet"))
     with pytest.raises(DataError, match="expected hf-dataset:ORG/NAME"):
         TASKS["mmstar"].samples("hf-dataset:just-a-name")
-    with pytest.raises(DataError, match=r"hf-dataset:Lin-Chen/MMStar: cannot open split 'val'"):
+    with pytest.raises(DataError, match=r"hf-dataset:Lin-Chen/MMStar: cannot reach the Hub"):
         TASKS["mmstar"].samples()  # the Hub dataset, offline here
     with pytest.raises(ConfigError, match="has no default data"):
         TASKS["exact_match"].samples()
-    with pytest.raises(DataError, match="JSONL"):
-        TASKS["exact_match"].samples(str(mmstar_file))
-    with pytest.raises(ConfigError, match="one parquet file, one split"):
+    with pytest.raises(DataError, match="match no known dataset layout"):
+        next(TASKS["exact_match"].samples(str(mmstar_file)).items)
+    records = tmp_path / "records.jsonl"
+    records.write_text("{}\n")
+    with pytest.raises(DataError, match="exact_match task"):
+        TASKS["mmstar"].samples(str(records))
+    with pytest.raises(ConfigError, match="one file, one split"):
         TASKS["mmstar"].samples(str(mmstar_file), "val")
 
 

@@ -172,7 +172,7 @@ def require_datasets() -> Any:
 def _splits_error(spec: SourceSpec, split: str, available: Any) -> DataError:
     return DataError(
         f"{spec.text}: no split {split!r} (it has {', '.join(repr(s) for s in sorted(available))}); "
-        "choose one with --data-split / --val-split"
+        "choose one with --data-split / --val-split (tinyvlm eval: --split)"
     )
 
 
@@ -229,5 +229,5 @@ def _hub_problem(spec: SourceSpec, split: str, error: Exception) -> str:
         return (f"{spec.text}: not found on the Hub ({text}). Check the name; a private or gated dataset needs "
                 "a token (HF_TOKEN or `hf auth login`)")
     if "split" in text.lower() and split in text:
-        return f"{spec.text}: {text} (choose one with --data-split / --val-split)"
+        return f"{spec.text}: {text} (choose one with --data-split / --val-split; tinyvlm eval: --split)"
     return f"{spec.text}: cannot open the dataset ({kind}: {text})"

@@ -2,8 +2,8 @@
 
 * `tinyvlm.evaluation.metrics`: one answer's score (MMStar's letter extraction, VQAv2 soft accuracy with its
   answer normalisation, ChartQA relaxed accuracy); torch-free;
-* `tinyvlm.evaluation.tasks`: the tasks (`TASKS`): rows -> prompts, scores -> metrics;
-* `tinyvlm.evaluation.rows`: reading a task's data (``datasets``);
+* `tinyvlm.evaluation.tasks`: the tasks (`TASKS`): rows (read by `tinyvlm.data`'s sources) -> prompts, scores
+  -> metrics;
 * `tinyvlm.evaluation.runner`: `evaluate`, batched greedy generation and the results JSON;
 * `tinyvlm.evaluation.lmms_plugin`: tinyvlm as an lmms-eval model (``lmms-eval --model tinyvlm``).
 """

@@ -41,8 +41,9 @@ def evaluate(
     ``model``: a loaded `tinyvlm.VLM` (used as it is), or what ``tinyvlm generate --model`` takes (a saved
     folder, ``local-dir:``, ``hf-hub:`` or a zoo key; opened on ``device`` and prepared for inference).
     ``tasks``: names (``"mmstar,chartqa"`` or a list; see `tinyvlm.evaluation.TASKS`). ``data`` / ``split``
-    replace the task's own source and split (one task only): a parquet file or dataset folder, e.g. a local
-    copy, ``hf-dataset:ORG/NAME``, or for ``exact_match`` a JSONL file of training records. ``limit``: the
+    replace the task's own source and split (one task only), any source training reads (a parquet file or
+    folder, a save_to_disk folder, ``hf-dataset:ORG/NAME``; for ``exact_match`` also a JSONL / JSON file of
+    records). ``limit``: the
     first N samples of each task. ``max_new_tokens`` replaces the tasks' own limits. ``log_samples`` adds
     every sample's prompt, answer, reference and score. ``progress``: a progress line on stderr.
     """

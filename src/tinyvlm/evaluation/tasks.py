@@ -7,23 +7,27 @@ aggregation, under lmms-eval's metric names. docs/evaluation.md lists them.
 
 A prompt reaches the model as one user turn, its images before the text, rendered as tinyvlm renders
 training conversations (the chat template, or the plain transcript of a base decoder).
+
+Data is read by `tinyvlm.data`'s sources (the ones training reads: parquet files and folders, save_to_disk
+folders, ``hf-dataset:`` streams, JSONL / JSON records), through `task_rows`.
 """
 
 from __future__ import annotations
 
 import abc
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation import metrics
-from tinyvlm.evaluation.rows import Rows, as_image, read_rows
 
 if TYPE_CHECKING:
-    from tinyvlm.data import Record
+    from PIL import Image
+
+    from tinyvlm.data import Record, Rows
 
 #: lmms-eval's ``until`` when a task's ``generation_kwargs`` set none (``api/task.py``: its fewshot
 #: delimiter).
@@ -64,8 +68,8 @@ class Samples:
 
 
 class Task(abc.ABC):
-    """A benchmark: where its data is (``source``, ``split``), how a row becomes a `Sample` (``columns``
-    it reads), how an answer is scored, and how the scores add up (``metric`` is the headline)."""
+    """A task: where its data is (``source``, ``split``), the samples it makes of it, how an answer is scored,
+    and how the scores add up (``metric`` is the headline)."""
 
     name: ClassVar[str]
     columns: ClassVar[str]
@@ -76,30 +80,9 @@ class Task(abc.ABC):
     max_new_tokens: ClassVar[int]
     until: ClassVar[tuple[str, ...]]
 
-    def samples(self, source: str | None = None, split: str | None = None) -> Samples:
-        """The samples of the task's data, or of ``source`` / ``split``."""
-        source = source or self.source
-        if source is None:
-            raise ConfigError(f"task {self.name!r} has no default data: give it with --data (data=...)")
-        rows = self.rows(source, split)
-
-        def build() -> Iterator[Sample]:
-            for index, row in enumerate(rows.rows):
-                try:
-                    yield self.sample(row, index)
-                except KeyError as error:
-                    raise DataError(
-                        f"{rows.name} row {index}: no column {error}; {self.name} reads {self.columns} "
-                        f"(the row has {', '.join(sorted(row)) or 'no columns'})"
-                    ) from None
-
-        return Samples(rows.name, build(), rows.length)
-
-    def rows(self, source: str, split: str | None) -> Rows:
-        return read_rows(source, split, default_split=self.split)
-
     @abc.abstractmethod
-    def sample(self, row: Any, index: int) -> Sample: ...
+    def samples(self, source: str | None = None, split: str | None = None) -> Samples:
+        """The samples of the task's data, or of ``source`` / ``split``, in stored order."""
 
     @abc.abstractmethod
     def score(self, prediction: str, reference: Any) -> float: ...
@@ -111,6 +94,62 @@ class Task(abc.ABC):
         """The generated text (which ends before the first ``until`` string: `VLM.generate`'s ``stop``) as
         lmms-eval scores it: stripped."""
         return generated.strip()
+
+    def _source(self, source: str | None) -> str:
+        if source is None and self.source is None:
+            raise ConfigError(f"task {self.name!r} has no default data: give it with --data (data=...)")
+        return source or self.source  # type: ignore[return-value]
+
+
+def task_rows(source: str, split: str | None, *, default_split: str) -> "Rows":
+    """The rows of ``split`` (None: ``default_split``) of a dataset source, read by `tinyvlm.data`. A parquet
+    file holds one split (``datasets`` names it ``train``): it is read whole, and naming a split for it is a
+    `ConfigError`."""
+    from tinyvlm.data.sources import open_rows, parse_source
+
+    spec = parse_source(source)
+    if spec.is_records_file:
+        raise DataError(f"{source}: a JSONL / JSON file holds training records; score them with the exact_match task")
+    if spec.path is not None and spec.path.is_file():
+        if split is not None:
+            raise ConfigError(f"--split {split}: {source} is one file, one split; splits are chosen in folders and "
+                              "hf-dataset: sources")
+        split = "train"
+    return open_rows(spec, split or default_split)
+
+
+class BenchmarkTask(Task):
+    """A benchmark in its published schema: each row of the split becomes a `Sample` (`sample`)."""
+
+    split: ClassVar[str]
+
+    def samples(self, source: str | None = None, split: str | None = None) -> Samples:
+        from tinyvlm.data.records import open_image
+        from tinyvlm.data.schemas import image_ref
+
+        rows = task_rows(self._source(source), split, default_split=self.split)
+
+        def build() -> Iterator[Sample]:
+            for index, row in enumerate(rows.read()):
+                where = f"{rows.name} row {index}"
+
+                def image(value: Any) -> "Image.Image":
+                    return open_image(image_ref(value, base=rows.base, where=where)).convert("RGB")
+
+                try:
+                    yield self.sample(row, index, image)
+                except KeyError as error:
+                    raise DataError(
+                        f"{where}: no column {error}; {self.name} reads {self.columns} "
+                        f"(the row has {', '.join(sorted(row)) or 'no columns'})"
+                    ) from None
+
+        return Samples(rows.name, build(), rows.length)
+
+    @abc.abstractmethod
+    def sample(self, row: dict[str, Any], index: int, image: Callable[[Any], "Image.Image"]) -> Sample:
+        """Row ``index`` as a sample; ``image`` decodes one of its images (as lmms-eval's ``doc_to_visual``:
+        RGB)."""
 
 
 def _user_turn(text: str) -> list[dict[str, str]]:
@@ -128,7 +167,7 @@ def _group_means(scored: Scored, key: str) -> dict[str, float]:
     return {group: _mean(values) for group, values in sorted(by_group.items())}
 
 
-class MMStar(Task):
+class MMStar(BenchmarkTask):
     name = "mmstar"
     columns = "index, question (options inline), image, answer (a letter), category, l2_category"
     source = "hf-dataset:Lin-Chen/MMStar"
@@ -140,12 +179,12 @@ class MMStar(Task):
     #: Taken out of a question when a post-prompt is added (lmms-eval's ``replace_prompt``).
     yes_no = " Please answer yes or no."
 
-    def sample(self, row: dict[str, Any], index: int) -> Sample:
+    def sample(self, row: dict[str, Any], index: int, image: Callable[[Any], "Image.Image"]) -> Sample:
         question = row["question"].strip().replace(self.yes_no, "") + self.post_prompt
         return Sample(
             id=row["index"],
             messages=_user_turn(question),
-            images=[as_image(row["image"], f"MMStar row {index}")],
+            images=[image(row["image"])],
             reference=row["answer"],
             groups={"category": row["category"], "l2_category": row["l2_category"]},
         )
@@ -168,7 +207,7 @@ class MMStar(Task):
         return _mean(list(_group_means(scored, "l2_category").values()))
 
 
-class VQAv2(Task):
+class VQAv2(BenchmarkTask):
     name = "vqav2_val"
     columns = "question_id, question, answers (10 x {answer, answer_confidence, answer_id}), answer_type, image"
     source = "hf-dataset:lmms-lab-encoder/VQAv2"
@@ -178,14 +217,14 @@ class VQAv2(Task):
     max_new_tokens = 16
     until = DEFAULT_UNTIL
 
-    def sample(self, row: dict[str, Any], index: int) -> Sample:
+    def sample(self, row: dict[str, Any], index: int, image: Callable[[Any], "Image.Image"]) -> Sample:
         answers = row["answers"]
         if not answers:
             raise DataError(f"VQAv2 row {index}: no human answers to score against (the test split has none)")
         return Sample(
             id=row["question_id"],
             messages=_user_turn(row["question"] + self.post_prompt),
-            images=[as_image(row["image"], f"VQAv2 row {index}")],
+            images=[image(row["image"])],
             reference=[answer["answer"] for answer in answers],
             groups={"answer_type": row["answer_type"]},
         )
@@ -201,7 +240,7 @@ class VQAv2(Task):
         return values
 
 
-class ChartQA(Task):
+class ChartQA(BenchmarkTask):
     name = "chartqa"
     columns = "question, answer, type (human_test / augmented_test), image"
     source = "hf-dataset:lmms-lab-encoder/ChartQA"
@@ -211,11 +250,11 @@ class ChartQA(Task):
     max_new_tokens = 16
     until = DEFAULT_UNTIL
 
-    def sample(self, row: dict[str, Any], index: int) -> Sample:
+    def sample(self, row: dict[str, Any], index: int, image: Callable[[Any], "Image.Image"]) -> Sample:
         return Sample(
             id=index,
             messages=_user_turn(row["question"] + self.post_prompt),
-            images=[as_image(row["image"], f"ChartQA row {index}")],
+            images=[image(row["image"])],
             reference=row["answer"],
             groups={"type": row["type"]},
         )
@@ -237,34 +276,42 @@ class ChartQA(Task):
 
 
 class ExactMatch(Task):
-    """The user's own data in tinyvlm's training format: the prompt is a record's conversation up to its
-    last assistant turn, that turn is the reference, compared as training's held-out exact match does."""
+    """The user's own data in tinyvlm's training format (any source training reads: a JSONL / JSON file of
+    records, or a dataset in the_cauldron / FineVision / LLaVA / messages columns): the prompt is a record's
+    conversation up to its last assistant turn, that turn is the reference, compared as training's held-out
+    exact match compares."""
 
     name = "exact_match"
-    columns = "tinyvlm's training records (LLaVA or messages style)"
+    columns = "tinyvlm's training records (JSONL / JSON) or a dataset in a training schema"
     source = None
-    split = None  # a JSONL file has no splits
+    split = None  # a dataset's split: --split, else "train"
     metric = "exact_match"
     post_prompt = ""
     max_new_tokens = 32  # TrainConfig.max_new_tokens, as in training's held-out evaluation
     until = ()
 
-    def rows(self, source: str, split: str | None) -> Rows:
-        """The records of a JSONL file, checked up front as training checks them (a file has no splits)."""
-        from tinyvlm.data import read_records
+    def samples(self, source: str | None = None, split: str | None = None) -> Samples:
+        from tinyvlm.data.records import read_records
+        from tinyvlm.data.schemas import RatingFilter
+        from tinyvlm.data.sources import parse_source
+        from tinyvlm.data.stream import held_out_rows
 
-        if split is not None:
-            raise ConfigError(f"--split {split}: a JSONL file of records has no splits")
-        if Path(source).suffix != ".jsonl":
-            raise DataError(
-                f"{source}: the exact_match task reads tinyvlm's training records from a JSONL file (for a "
-                f"benchmark in its own schema choose its task: {', '.join(n for n in TASKS if n != self.name)})"
-            )
-        records = read_records(source)
-        return Rows(source, iter(records), len(records))
+        spec = parse_source(self._source(source))
+        if spec.is_records_file:
+            if split is not None:
+                raise ConfigError(f"--split {split}: a file of records has no splits")
+            records = read_records(spec.path)  # type: ignore[arg-type]
+            return Samples(spec.text, (self._sample(r) for r in records), len(records))
+        rows = task_rows(spec.text, split, default_split="train")
+        every_row = held_out_rows(rows, seed=0, val_fraction=None, ratings=RatingFilter(), limit=sys.maxsize)
+        return Samples(rows.name, (self._sample(r) for r in every_row), rows.length)
 
-    def sample(self, row: Record, index: int) -> Sample:
-        return Sample(id=row.where, messages=row.prompt, images=list(row.images), reference=row.answer)
+    @staticmethod
+    def _sample(record: "Record") -> Sample:
+        from tinyvlm.data.records import open_image
+
+        images = [open_image(image) for image in record.images]
+        return Sample(id=record.where, messages=record.prompt, images=images, reference=record.answer)
 
     def score(self, prediction: str, reference: str) -> float:
         from tinyvlm.training.loop import normalize_answer
