@@ -16,6 +16,16 @@ from hub_server import FakeHub  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def strict_image_decoding() -> None:
+    """PIL's default: a truncated image is an error. Importing lmms-eval (``lmms_eval.api.task``) switches
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` on for the whole process, and an xdist worker that collected the
+    lmms-eval tests would then accept the truncated images other tests send on purpose."""
+    from PIL import ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@pytest.fixture(autouse=True)
 def isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty HF_HOME per test, offline, no token: for this process (huggingface_hub reads its settings at
     import, hence the patched constants) and for subprocesses (the environment)."""
