@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -79,6 +80,8 @@ def test_parts_and_option_errors(data: Path, tmp_path: Path) -> None:
         (dict(MODEL, batch_size=0), "batch_size"),
         (dict(MODEL, learning_rate=1.0), "unknown option learning_rate"),
         (dict(MODEL, val_data=data, val_fraction=0.1), "val_data or val_fraction"),
+        (dict(MODEL, lora=True, strategy="fsdp"), "use strategy ddp"),
+        (dict(MODEL, strategy="zero"), "strategy"),
     ]:
         with pytest.raises(ConfigError, match=message):
             make_config(**base, **options)
@@ -176,21 +179,30 @@ def losses(run: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-def kill_and_resume(common: list[str], tmp_path: Path, *, kill_at: int, resume: tuple[str, ...] = ()) -> tuple[Path, Path]:
+def torchrun(*args: str) -> list[str]:
+    """``tinyvlm ARGS`` in 2 gloo processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tinyvlm.cli",
+            *args]
+
+
+def kill_and_resume(common: list[str], tmp_path: Path, *, kill_at: int, resume: tuple[str, ...] = (),
+                    launch: Callable[..., list[str]] = cli) -> tuple[Path, Path]:
     """Run ``common`` straight, and again SIGKILLed once checkpoint ``kill_at`` exists then resumed (with the
-    extra flags ``resume``, e.g. another --workers); the final weights must be bit-identical."""
+    extra flags ``resume``, e.g. another --workers); the final weights must be bit-identical. ``launch``: one
+    process (`cli`) or two (`torchrun`; the kill then reaches the launcher and its workers)."""
     straight = tmp_path / "straight"
-    subprocess.run(cli(*common, "--output", str(straight)), check=True, env=run_env(), timeout=180)
+    subprocess.run(launch(*common, "--output", str(straight)), check=True, env=run_env(), timeout=240)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(cli(*common, "--output", str(killed)), env=run_env())
-    deadline = time.monotonic() + 180
+    process = subprocess.Popen(launch(*common, "--output", str(killed)), env=run_env(), start_new_session=True)
+    deadline = time.monotonic() + 240
     while not (killed / "checkpoints" / f"step-{kill_at:08d}").is_dir():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not (killed / "model").exists()  # really killed mid-way
-    subprocess.run(cli(*common, "--output", str(killed), "--resume", *resume), check=True, env=run_env(), timeout=180)
+    subprocess.run(launch(*common, "--output", str(killed), "--resume", *resume), check=True, env=run_env(),
+                   timeout=240)
     expected, resumed = weights(straight / "model"), weights(killed / "model")
     assert expected.keys() == resumed.keys()
     for name in expected:
@@ -212,13 +224,13 @@ def test_killed_run_resumes_to_the_same_weights(data: Path, tmp_path: Path) -> N
     assert changed.returncode == 1 and "options changed" in changed.stderr and "lr: None -> 0.1" in changed.stderr
 
 
-def two_processes_match_one(common: list[str], tmp_path: Path, *, batch_size: int) -> dict[str, list[dict]]:
-    """2 gloo processes with ``batch_size`` give the losses of 1 process with twice that batch, within 1e-5."""
+def two_processes_match_one(common: list[str], tmp_path: Path, *, batch_size: int,
+                            two: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """2 gloo processes with ``batch_size`` (and the extra flags ``two``, e.g. a strategy) give the losses of 1
+    process with twice that batch, within 1e-5."""
     subprocess.run(cli(*common, "--batch-size", str(2 * batch_size), "--output", str(tmp_path / "one")), check=True,
                    env=run_env(), timeout=180)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "tinyvlm.cli"]
-    subprocess.run(torchrun + common + ["--batch-size", str(batch_size), "--output", str(tmp_path / "two")],
+    subprocess.run(torchrun(*common, "--batch-size", str(batch_size), *two, "--output", str(tmp_path / "two")),
                    check=True, env=run_env(), timeout=240)
     logs = {}
     for run in ("one", "two"):
@@ -244,6 +256,66 @@ def test_two_gloo_processes_match_one_process_with_double_batch(data: Path, tmp_
               "--eval-samples", "4", "--no-progress", "--lr", "1e-3"]
     logs = two_processes_match_one(common, tmp_path, batch_size=2)
     assert logs["one"][-1]["val_answered"] == 2  # held-out: 2 of 40
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+SHARDED = ["train", "--model", "test-vlm", "--data", "DATA", "--train", "all", "--grad-accum", "2", "--log-every", "1",
+           "--no-progress", "--lr", "1e-3"]
+
+
+def test_two_fsdp_processes_match_one_process_with_double_batch(data: Path, tmp_path: Path) -> None:
+    common = [str(data) if arg == "DATA" else arg for arg in SHARDED]
+    common += ["--max-steps", "4", "--checkpoint-every", "0", "--eval-samples", "4"]
+    logs = two_processes_match_one(common, tmp_path, batch_size=2, two=("--strategy", "fsdp", "--activation-checkpointing"))
+    assert logs["one"][-1]["val_answered"] == 2
+    assert logs["two"][0]["grad_norm"] == pytest.approx(logs["one"][0]["grad_norm"], rel=1e-5)  # the full norm, not a shard's
+
+
+def test_killed_fsdp_run_resumes_to_the_same_weights(data: Path, tmp_path: Path) -> None:
+    # checkpoints hold the gathered model and AdamW state, the files of a one-process run
+    common = [str(data) if arg == "DATA" else arg for arg in SHARDED]
+    common += ["--strategy", "fsdp", "--max-steps", "6", "--batch-size", "1", "--checkpoint-every", "2",
+               "--eval-samples", "1", "--pack", "--max-length", "200"]
+    straight, _ = kill_and_resume(common, tmp_path, kill_at=2, launch=torchrun)
+    saved = load_file(str(straight / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert saved.keys() == weights(straight / "model").keys()
+    for name, tensor in weights(straight / "model").items():
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_activation_checkpointing_keeps_only_block_inputs(vlm, data: Path) -> None:
+    """The forward saves far fewer tensors for the backward with checkpointing, and the gradients are the same."""
+    import copy
+
+    from tinyvlm.training.strategies import checkpoint_activations
+
+    examples = encode_records(read_records(data)[:2], vlm.processor.encode_example, max_length=None)
+    pixels = [vlm.processor.pixel_values(e.images) for e in examples]
+    batch = collate(examples, pixels, pad_id=0, packed=False, max_length=None)
+
+    def saved_and_grads(model) -> tuple[int, dict[str, torch.Tensor]]:
+        count = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal count
+            count += 1
+            return tensor
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = summed_loss(model, batch)
+        loss.backward()
+        return count, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = copy.deepcopy(vlm)
+    checkpointed = copy.deepcopy(vlm)
+    checkpoint_activations(checkpointed)
+    (plain_count, plain_grads), (count, grads) = saved_and_grads(plain), saved_and_grads(checkpointed)
+    assert count < plain_count / 2, (count, plain_count)
+    assert plain_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ datasets

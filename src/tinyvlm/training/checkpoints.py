@@ -1,7 +1,9 @@
 """Training checkpoints: ``checkpoints/step-NNNNNNNN`` folders with the model, the optimizer state, the RNG
 states and the step, written to a temporary folder and renamed into place (an interrupted save leaves the
 previous checkpoint intact). A LoRA run's checkpoints hold its adapter (peft's files: LoRA weights and the
-parts trained in full) instead of the model: the frozen base is rebuilt from its name on resume."""
+parts trained in full) instead of the model: the frozen base is rebuilt from its name on resume. The files are
+the same whatever the strategy: a sharded (FSDP) run gathers the full states to rank 0, which writes them
+(`tinyvlm.training.strategies`)."""
 
 from __future__ import annotations
 
@@ -10,17 +12,21 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError
 from tinyvlm.lora.adapter import ADAPTER_WEIGHTS, has_adapter, load_adapter_weights, write_adapter_files
 from tinyvlm.training.config import RESUMABLE_CHANGES, TrainConfig
 
+if TYPE_CHECKING:
+    from tinyvlm.training.strategies import Replicated, Sharded
+
 CHECKPOINTS = "checkpoints"
+MODEL_WEIGHTS = "model.safetensors"
 
 
 def checkpoint_dirs(output: Path) -> list[Path]:
@@ -31,8 +37,7 @@ def checkpoint_dirs(output: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     tensors = {f"optimizer.{index}.{key}": value for index, entry in state["state"].items()
                for key, value in entry.items()}
     groups = [{k: v for k, v in group.items() if k != "params"} | {"params": group["params"]}
@@ -41,21 +46,26 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tens
 
 
 def save_checkpoint(
-    output: Path, step: int, vlm: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, keep: int,
-    *, data_position: dict[str, Any],
+    output: Path, step: int, vlm: nn.Module, optimizer_state: dict[str, Any], config: TrainConfig, keep: int,
+    *, data_position: dict[str, Any], model_tensors: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNNNN`` atomically (temporary folder, then rename); keep the last ``keep``.
-    ``data_position`` is the data stream's position at the start of step ``step`` (JSON)."""
+    ``optimizer_state`` is in the layout of ``optimizer.state_dict()``; ``data_position`` is the data stream's
+    position at the start of step ``step`` (JSON); ``model_tensors`` the full weights when ``vlm`` holds only
+    shards of them (FSDP), else None: they are read from ``vlm``."""
     folder = output / CHECKPOINTS
     final = folder / f"step-{step:08d}"
     temporary = folder / f".step-{step:08d}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    if has_adapter(vlm):
+    if model_tensors is not None:
+        save_file({k: v.contiguous() for k, v in model_tensors.items()}, str(temporary / MODEL_WEIGHTS),
+                  metadata={"format": "pt"})
+    elif has_adapter(vlm):
         write_adapter_files(vlm, temporary)
     else:
-        save_model(vlm, str(temporary / "model.safetensors"))
-    tensors, groups = _optimizer_tensors(optimizer)
+        save_model(vlm, str(temporary / MODEL_WEIGHTS))
+    tensors, groups = _optimizer_tensors(optimizer_state)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -101,20 +111,22 @@ def read_data_position(folder: Path) -> dict[str, Any]:
     return state["data"]
 
 
-def load_checkpoint(folder: Path, vlm: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore what `save_checkpoint` wrote; returns the step to continue from."""
+def load_checkpoint(
+    folder: Path, vlm: nn.Module, optimizer: torch.optim.Optimizer, strategy: "Replicated | Sharded",
+) -> int:
+    """Restore what `save_checkpoint` wrote (into shards, under FSDP); returns the step to continue from."""
     state = json.loads((folder / "state.json").read_text())
     if (folder / ADAPTER_WEIGHTS).is_file():
         load_adapter_weights(vlm, folder)
     else:
-        load_model(vlm, str(folder / "model.safetensors"), strict=True)
+        strategy.load_model_file(vlm, folder / MODEL_WEIGHTS)
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             optimizer_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(optimizer_state)
+    strategy.load_optimizer_state(vlm, optimizer, optimizer_state)
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
     if cuda_states:

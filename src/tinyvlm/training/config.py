@@ -18,7 +18,8 @@ from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_
 
 PARTS = ("encoder", "projector", "decoder")
 #: Fields that may change when resuming without changing the trajectory.
-RESUMABLE_CHANGES = {"resume", "workers", "prefetch_factor", "progress", "device", "log_every"}
+RESUMABLE_CHANGES = {"resume", "workers", "prefetch_factor", "progress", "device", "log_every",
+                     "activation_checkpointing"}
 
 
 class TrainConfig(Options):
@@ -57,6 +58,12 @@ class TrainConfig(Options):
                                     "the model's, 1.0)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: every process holds the whole model "
+                                             "(DistributedDataParallel under torchrun); fsdp: parameters, gradients "
+                                             "and optimizer state sharded over the processes (FSDP2, per block)")
+    activation_checkpointing: bool = Field(False, description="recompute each encoder and decoder block's "
+                                           "activations in the backward pass instead of keeping them (less memory, "
+                                           "about a third more compute; same losses)")
     pack: bool = Field(False, description="pack several samples per row of max_length tokens")
     max_length: int | None = Field(None, ge=1, description="longest sample / packed row in tokens (default: the "
                                    "model's, 4096, or the decoder's context if shorter)")
@@ -157,6 +164,9 @@ class TrainConfig(Options):
             if overlap:
                 raise ValueError(f"{', '.join(overlap)} is both in train (trained in full) and in lora_parts "
                                  "(adapted with LoRA): choose one")
+            if self.strategy == "fsdp":
+                raise ValueError("lora trains a small adapter on a frozen base: use strategy ddp (the default; the "
+                                 "frozen base is replicated), fsdp does not shard LoRA runs")
             if self.model is None:
                 raise ValueError("lora needs model (a VLM recipe or a saved / trained VLM), the base the adapter "
                                  "applies to; encoder + decoder pairs have no single name to record")

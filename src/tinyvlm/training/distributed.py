@@ -19,6 +19,8 @@ class Processes:
     rank: int
     world_size: int
     device: torch.device
+    #: Whether this run joined (or made) a process group, to leave at the end.
+    grouped: bool = False
 
     @property
     def main(self) -> bool:
@@ -36,15 +38,22 @@ class Processes:
             dist.barrier()
 
 
-def start_processes(device: str | None) -> Processes:
-    """Join the ``torchrun`` process group if there is one: NCCL and ``cuda:LOCAL_RANK`` on GPU, gloo on CPU."""
+def start_processes(device: str | None, *, group: bool = False) -> Processes:
+    """Join the ``torchrun`` process group if there is one: NCCL and ``cuda:LOCAL_RANK`` on GPU, gloo on CPU.
+    ``group``: make a one-process group when there is no ``torchrun`` job (FSDP needs a group to shard over)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Processes(0, 1, check_device(device) or default_device())
+        chosen = check_device(device) or default_device()
+        if not group:
+            return Processes(0, 1, chosen)
+        if not dist.is_initialized():
+            backend = "nccl" if chosen.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Processes(0, 1, chosen, grouped=True)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Processes(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    return Processes(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), grouped=True)

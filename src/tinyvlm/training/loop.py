@@ -18,12 +18,12 @@ weights stay frozen, the adapters and the parts in ``train`` are trained, and ch
 hold the adapter alone (``adapter/``: peft's files), which applies to the base named by ``model``.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on GPU, gloo on
-CPU); only rank 0 writes files or prints.
+CPU), or sharded with FSDP2 (``strategy="fsdp"``, `tinyvlm.training.strategies`); only rank 0 writes files or
+prints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -37,12 +37,14 @@ from torch import Tensor, nn
 from tinyvlm.data.loading import Collator, MicroBatch, SampleMaker, filler_batch, load, skipped_message
 from tinyvlm.data.records import IGNORE_INDEX, Batch, open_image
 from tinyvlm.errors import ConfigError
+from tinyvlm.vlm.files import save_vlm
 from tinyvlm.training.checkpoints import (
     CHECKPOINTS, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
 from tinyvlm.training.inputs import Held, open_data, prepare_data
+from tinyvlm.training.strategies import checkpoint_activations, make_strategy
 from tinyvlm.training.progress import MetricsLog, Progress
 
 METRICS = "metrics.jsonl"
@@ -208,11 +210,11 @@ def train(**options: Any) -> TrainResult:
 
 
 def run(config: TrainConfig) -> TrainResult:
-    processes = start_processes(config.device)
+    processes = start_processes(config.device, group=config.strategy == "fsdp")
     try:
         return _run(config, processes)
     finally:
-        if processes.world_size > 1 and dist.is_initialized():
+        if processes.grouped and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -230,7 +232,8 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
     progress = Progress(0, 0, show_bar=config.progress, main=processes.main)
 
     opened = open_data(config)
-    vlm = build_model(config, processes.device)
+    strategy = make_strategy(config.strategy, processes)
+    vlm = build_model(config, strategy.build_device)
     settings = config.resolved(vlm.config.training, vlm.decoder.config.max_position_embeddings)
     lora = config.lora_settings
     freeze(vlm, config.parts, lora.parts if lora is not None else ())
@@ -242,6 +245,9 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
     warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * max_steps)
     progress.total = max_steps
 
+    if config.activation_checkpointing:
+        checkpoint_activations(vlm)
+    model = strategy.wrap(vlm, compile=config.compile)
     optimizer = torch.optim.AdamW(
         param_groups(vlm, config, settings.lrs), betas=(0.9, 0.95), eps=1e-8,
         fused=processes.device.type == "cuda",
@@ -249,7 +255,7 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
     start, too_long = 0, 0
     metrics = MetricsLog(output / METRICS, processes.main)
     if config.resume:
-        start = load_checkpoint(existing[-1], vlm, optimizer)
+        start = load_checkpoint(existing[-1], vlm, optimizer, strategy)
         position = read_data_position(existing[-1])
         data.mixture.restore(position)
         too_long = int(position["too_long"])
@@ -259,10 +265,6 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         output.mkdir(parents=True, exist_ok=True)
     processes.barrier()
 
-    model: nn.Module = torch.compile(vlm) if config.compile else vlm
-    if processes.world_size > 1:
-        ids = [processes.device.index] if processes.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -277,11 +279,12 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
     def run_eval() -> dict[str, float]:
         items = [item for _, item in data.held_out]
         starts = range(processes.rank * batch_size, len(items), processes.world_size * batch_size)
-        values = evaluate(
-            vlm, loader(items[i : i + batch_size] for i in starts), data.held_out, eval_samples=config.eval_samples,
-            batch_size=batch_size, max_new_tokens=config.max_new_tokens, processes=processes, autocast=autocast,
-            progress=progress,
-        )
+        with strategy.full_weights(vlm):
+            values = evaluate(
+                vlm, loader(items[i : i + batch_size] for i in starts), data.held_out, eval_samples=config.eval_samples,
+                batch_size=batch_size, max_new_tokens=config.max_new_tokens, processes=processes, autocast=autocast,
+                progress=progress,
+            )
         progress.activity(None)
         return values
 
@@ -309,27 +312,26 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         ])
         too_long += int(skipped)
         loss_sum = torch.zeros((), dtype=torch.float64, device=processes.device)
-        for j, batch in enumerate(micro):
-            if batch is None and filler is None:
-                continue  # every sample of it was skipped; one process has no all-reduce to take part in
-            last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last or processes.world_size == 1 else model.no_sync()
-            with sync:
+        # A micro-batch whose samples were all skipped is left out in one process (no all-reduce to take part in)
+        ran = [j for j, batch in enumerate(micro) if batch is not None or filler is not None]
+        for j in ran:
+            batch = micro[j]
+            with strategy.gradient_sync(model, j == ran[-1]):
                 with autocast:
                     # A micro-batch whose samples were all skipped runs the filler with a zero weight, so that
                     # this process still joins the gradient all-reduce of the others.
                     summed = summed_loss(model, batch) if batch is not None else summed_loss(model, filler) * 0
-                # DDP averages gradients over processes: scaled so that the result is the gradient of the
+                # DDP and FSDP average gradients over processes: scaled so that the result is the gradient of the
                 # mean over every target token of the step, whatever the split into micro-batches.
                 (summed * (processes.world_size / max(targets, 1))).backward()
             loss_sum += summed.detach().double()
         if targets:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
+            grad_norm = strategy.total_norm(torch.nn.utils.clip_grad_norm_(
                 trainable, settings.grad_clip if settings.grad_clip > 0 else float("inf")
-            )
+            ))
             optimizer.step()
         else:  # every sample of the step was skipped: nothing to learn, the weights stay (in every process)
-            grad_norm = torch.zeros(())
+            grad_norm = 0.0
         optimizer.zero_grad(set_to_none=True)
         loss = processes.all_sum([float(loss_sum)])[0] / max(targets, 1)
         window_tokens += tokens
@@ -343,7 +345,7 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
             metrics.write(
                 step=done, epoch=None if epoch is None else round(epoch, 4), loss=loss,
                 lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                grad_norm=float(grad_norm), tokens_per_s=tokens_per_s, time=time.time(), skipped=counts,
+                grad_norm=grad_norm, tokens_per_s=tokens_per_s, time=time.time(), skipped=counts,
             )
             progress.update(done, loss, tokens_per_s, force=True, skipped=counts["too_long"] + counts["filtered_rows"])
             window_tokens, window_time = 0.0, 0.0
@@ -355,8 +357,11 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
             progress.result(_eval_line(done, last_eval))
         if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == max_steps):
             position = {**data.batches.state_at(done), "too_long": too_long}
+            model_tensors = strategy.model_state(vlm)  # gathered on rank 0 under FSDP (every process takes part)
+            optimizer_state = strategy.optimizer_state(vlm, optimizer)
             if processes.main:
-                save_checkpoint(output, done, vlm, optimizer, config, config.keep_checkpoints, data_position=position)
+                save_checkpoint(output, done, vlm, optimizer_state, config, config.keep_checkpoints,
+                                data_position=position, model_tensors=model_tensors)
             processes.barrier()
     progress.close()
     counts = skipped_counts(max_steps)
@@ -378,8 +383,9 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         return TrainResult(model_dir=None, steps=max_steps, final_loss=loss, metrics=last_eval, skipped=counts,
                            adapter_dir=adapter_dir)
     model_dir = output / FINAL
+    model_tensors = strategy.model_state(vlm)
     if processes.main:
-        vlm.save_pretrained(model_dir)
+        save_vlm(vlm, model_dir, tensors=model_tensors)
         progress.result(f"saved the model to {model_dir} (load it with tinyvlm.load_vlm('local-dir:{model_dir}'))")
     processes.barrier()
     return TrainResult(model_dir=model_dir, steps=max_steps, final_loss=loss, metrics=last_eval, skipped=counts)

@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from tinyvlm.vlm.model import VLM
 
 
-def save_vlm(vlm: "VLM", folder: Path) -> Path:
-    """``config.json``, ``model.safetensors`` (each tied tensor once) and the tokenizer files, atomically."""
+def save_vlm(vlm: "VLM", folder: Path, *, tensors: dict[str, Tensor] | None = None) -> Path:
+    """``config.json``, ``model.safetensors`` (each tied tensor once) and the tokenizer files, atomically.
+    ``tensors``: the weights to write when ``vlm`` holds only shards of them (a run sharded with FSDP passes
+    the full state it gathered); by default the VLM's own."""
     from safetensors.torch import save_file
 
     if vlm.tokenizer is None:
@@ -38,7 +40,8 @@ def save_vlm(vlm: "VLM", folder: Path) -> Path:
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
     try:
         (staging / "config.json").write_text(vlm.config.to_json() + "\n")
-        save_file(unique_tensors(vlm), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        weights = unique_tensors(vlm) if tensors is None else {k: v.contiguous() for k, v in tensors.items()}
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         vlm.tokenizer.save_pretrained(staging)
         swap_into_place(staging, folder)
     except BaseException:
