@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,42 @@ def test_short_demo_beats_chance(tmp_path: Path, capsys: pytest.CaptureFixture[s
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["val_loss"] < 0.5 * log[0]["loss"]
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_demo_folder_is_kept_and_picked_up_where_it_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tinyvlm.demo import run_demo
+    from tinyvlm.errors import ConfigError
+
+    folder = tmp_path / "demo"
+    small = dict(steps=4, images=60, output=folder, show=0, progress=False)
+    first = run_demo(**small)
+    out = capsys.readouterr().out
+    assert "drew 60 images" in out and f"are in {folder}" in out
+    data, weights = folder / "data" / "data.jsonl", first.model_dir / "model.safetensors"
+    stamps = (data.stat().st_mtime_ns, weights.stat().st_mtime_ns)
+
+    again = run_demo(**small)  # finished: neither drawn nor trained again, only evaluated
+    out = capsys.readouterr().out
+    assert "using the 60 images" in out and "trained for 4 steps before" in out and "drew" not in out
+    assert (data.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps and again.accuracy == first.accuracy
+
+    shutil.rmtree(first.model_dir)  # killed after its last checkpoint: resumes from it
+    resumed = run_demo(**small)
+    assert "resuming the interrupted run" in capsys.readouterr().out
+    assert resumed.accuracy == first.accuracy and data.stat().st_mtime_ns == stamps[0]
+
+    with pytest.raises(ConfigError, match=r"other settings \(steps 4 -> 5\): pass --overwrite"):
+        run_demo(**{**small, "steps": 5})
+    assert data.stat().st_mtime_ns == stamps[0]  # refused before drawing anything
+    run_demo(**{**small, "steps": 5, "overwrite": True})
+    assert "drew 60 images" in capsys.readouterr().out
+    log = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 5
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["demo", "--output", str(other), "--steps", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "is not empty and holds no demo run" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]

@@ -502,14 +502,17 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
-    demo.add_argument("--output", help="keep the dataset, metrics and model here (default: a temporary folder)")
+    demo.add_argument("--output", default=None, help="folder of the data, the run and the model; a demo folder "
+                      "with the same settings is picked up where it stopped (default: ./tinyvlm-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the demo in --output (its data, init "
+                      "and run) instead of refusing other settings or a folder that holds something else")
     demo.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tinyvlm.demo import run_demo
+    from tinyvlm.demo import DEFAULT_OUTPUT, run_demo
 
-    run_demo(steps=args.steps, seed=args.seed, output=args.output)
+    run_demo(steps=args.steps, seed=args.seed, output=args.output or DEFAULT_OUTPUT, overwrite=args.overwrite)
     return 0
 
 

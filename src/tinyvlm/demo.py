@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -146,39 +146,87 @@ class DemoResult:
     model_dir: Path
 
 
+#: Where ``tinyvlm demo`` keeps its data, model and run when no ``--output`` is given (in the current folder).
+DEFAULT_OUTPUT = "tinyvlm-demo"
+#: The demo's own entries of its folder: what ``overwrite`` replaces (nothing else in the folder is touched).
+SETTINGS, PARTS = "demo.json", ("data", "init", "run")
+
+
 def run_demo(
-    *, steps: int | None = None, seed: int = 0, output: str | Path | None = None, images: int = IMAGES,
-    show: int = 6, progress: bool = True,
+    *, steps: int | None = None, seed: int = 0, output: str | Path = DEFAULT_OUTPUT, images: int = IMAGES,
+    show: int = 6, progress: bool = True, overwrite: bool = False,
 ) -> DemoResult:
-    """Draw the data, train, evaluate on the held-out images, print the figures and a few answers."""
-    if output is None:
-        with tempfile.TemporaryDirectory(prefix="tinyvlm-demo-") as folder:
-            return _run(Path(folder), steps or STEPS, seed, images, show, progress, keep=False)
-    return _run(Path(output), steps or STEPS, seed, images, show, progress, keep=True)
+    """Draw the data, train, evaluate on the held-out images, print the figures and a few answers; everything
+    stays in ``output`` (``data/``, ``init/`` the untrained model, ``run/`` the training run, ``demo.json``).
+
+    An ``output`` that already holds a demo with the same settings is picked up where it stopped: its data is
+    not drawn again, a finished run is only evaluated, an interrupted one resumes from its last checkpoint.
+    One with other settings, or a folder that is not empty and holds no demo, is refused before any work,
+    unless ``overwrite`` (which replaces the demo's own entries, nothing else)."""
+    from tinyvlm.errors import ConfigError
+
+    folder = Path(output)
+    settings = {"images": images, "steps": steps or STEPS, "seed": seed}
+    marker = folder / SETTINGS
+    if overwrite:
+        marker.unlink(missing_ok=True)
+        for name in PARTS:
+            shutil.rmtree(folder / name, ignore_errors=True)
+    elif marker.is_file():
+        previous = json.loads(marker.read_text())
+        if previous != settings:
+            changed = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in settings.items() if previous.get(k) != v)
+            raise ConfigError(f"{folder} holds a demo run with other settings ({changed}): pass --overwrite to "
+                              "start it again, or choose another --output")
+    elif folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"{folder} is not empty and holds no demo run: choose another --output (or pass "
+                          "--overwrite to write the demo's data/, init/ and run/ into it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings) + "\n")
+    return _run(folder, settings["steps"], seed, images, show, progress)
 
 
-def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool, *, keep: bool) -> DemoResult:
+def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool) -> DemoResult:
     from tinyvlm.data import read_records, split_records
-    from tinyvlm.training.loop import normalize_answer, train
+    from tinyvlm.training.checkpoints import checkpoint_dirs
+    from tinyvlm.training.loop import FINAL, normalize_answer, train
     from tinyvlm.vlm.building import load_vlm
 
     began = time.perf_counter()
     say = lambda text: print(text, flush=True)  # noqa: E731
-    data = make_shapes_dataset(folder / "data", count=count, seed=seed)
-    records = read_records(data)
-    say(f"drew {len(records)} images of shapes with questions in {folder / 'data'}")
-    vlm = build_demo_vlm(demo_tokenizer(records), seed)
-    vlm.save_pretrained(folder / "init")
+    data = folder / "data" / "data.jsonl"  # written last: its presence means the drawing finished
+    if data.is_file():
+        records = read_records(data)
+        say(f"using the {len(records)} images of shapes with questions drawn before in {data.parent}")
+    else:
+        data = make_shapes_dataset(folder / "data", count=count, seed=seed)
+        records = read_records(data)
+        say(f"drew {len(records)} images of shapes with questions in {data.parent}")
+    if (folder / "init" / "model.safetensors").is_file():
+        vlm = load_vlm(f"local-dir:{folder / 'init'}")
+    else:
+        vlm = build_demo_vlm(demo_tokenizer(records), seed)
+        vlm.save_pretrained(folder / "init")
     params = sum(p.numel() for p in vlm.parameters()) / 1e6
-    say(f"built a {params:.2f}M-parameter VLM (test-siglip + pixel-shuffle-mlp + test-llama, "
-        f"{len(vlm.tokenizer)}-token BPE tokenizer); training all of it for {steps} steps on the CPU")
-    result = train(
-        model=f"local-dir:{folder / 'init'}", data=data, output=folder / "run", train="all", max_steps=steps,
-        batch_size=BATCH_SIZE, grad_accum=1, lr=LEARNING_RATE, warmup_steps=steps // 20, weight_decay=0.0,
-        val_fraction=VAL_FRACTION, eval_samples=0, checkpoint_every=0, seed=seed, device="cpu",
-        progress=progress, log_every=max(1, steps // 20),
-    )
-    model = load_vlm(f"local-dir:{result.model_dir}")
+    run = folder / "run"
+    about = (f"a {params:.2f}M-parameter VLM (test-siglip + pixel-shuffle-mlp + test-llama, "
+             f"{len(vlm.tokenizer)}-token BPE tokenizer)")
+    if (run / FINAL / "model.safetensors").is_file():
+        say(f"{about} trained for {steps} steps before in {run}: evaluating it (pass --overwrite to train again)")
+        model_dir = run / FINAL
+    else:
+        resume = bool(checkpoint_dirs(run))
+        if run.exists() and not resume:
+            shutil.rmtree(run)  # stopped before its first checkpoint: nothing to resume
+        say(f"built {about}; training all of it for {steps} steps on the CPU"
+            + (" (resuming the interrupted run)" if resume else ""))
+        model_dir = train(
+            model=f"local-dir:{folder / 'init'}", data=data, output=run, train="all", max_steps=steps,
+            batch_size=BATCH_SIZE, grad_accum=1, lr=LEARNING_RATE, warmup_steps=steps // 20, weight_decay=0.0,
+            val_fraction=VAL_FRACTION, eval_samples=0, checkpoint_every=max(1, steps // 4), seed=seed, device="cpu",
+            progress=progress, log_every=max(1, steps // 20), resume=resume,
+        ).model_dir
+    model = load_vlm(f"local-dir:{model_dir}")
     _, held_out = split_records(records, VAL_FRACTION, seed)  # the split train() used
     answers: list[str] = []
     for start in range(0, len(held_out), 64):
@@ -195,6 +243,6 @@ def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: b
     for record, answer, ok in list(zip(held_out, answers, right))[:show]:
         question = record.prompt[-1]["content"].replace("<image>", "")
         print(f"  {record.images[0].name}  {question:38} -> {answer!r:16} {'ok' if ok else 'expected ' + repr(record.answer)}")
-    kept = f"; data, metrics.jsonl and the model are in {folder}" if keep else " (pass --output DIR to keep the data and the model)"
-    print(f"done in {seconds:.0f} s{kept}")
-    return DemoResult(accuracy, CHANCE, per_kind, seconds, result.model_dir)
+    print(f"done in {seconds:.0f} s; the data, the run's metrics.jsonl and the model are in {folder} "
+          f"(load the model with tinyvlm.load_vlm('local-dir:{model_dir}'))")
+    return DemoResult(accuracy, CHANCE, per_kind, seconds, model_dir)
