@@ -66,6 +66,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_merge_parser(commands)
     add_export_parser(commands)
     add_demo_parser(commands)
+    add_plot_parser(commands)
     add_serve_parser(commands, with_flags=command == "serve")
     return parser
 
@@ -513,6 +514,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tinyvlm.demo import DEFAULT_OUTPUT, run_demo
 
     run_demo(steps=args.steps, seed=args.seed, output=args.output or DEFAULT_OUTPUT, overwrite=args.overwrite)
+    return 0
+
+
+def add_plot_parser(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser(
+        "plot", help="draw a training run's loss and accuracy curves (needs tinyvlm[plot])",
+        description="Write metrics.png (training and held-out loss, held-out exact match against the step) next "
+        "to a run's metrics.jsonl. Runs draw it themselves at the end; this redraws it, e.g. during a run.",
+    )
+    plot.add_argument("run", help="a training output folder, or its metrics.jsonl")
+    plot.set_defaults(handler=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tinyvlm.training.plot import plot_run
+
+    print(f"wrote {plot_run(args.run)}")
     return 0
 
 

@@ -19,7 +19,9 @@ from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_
 PARTS = ("encoder", "projector", "decoder")
 #: Fields that may change when resuming without changing the trajectory.
 RESUMABLE_CHANGES = {"resume", "workers", "prefetch_factor", "progress", "device", "log_every",
-                     "activation_checkpointing"}
+                     "activation_checkpointing", "report_to", "project"}
+#: ``report_to`` names: the experiment trackers a run can log to (`tinyvlm.training.tracking`).
+TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
 class TrainConfig(Options):
@@ -104,6 +106,10 @@ class TrainConfig(Options):
     workers: int = Field(0, ge=0, description="data-loading worker processes (decode and preprocess images)")
     prefetch_factor: int = Field(2, ge=1, description="micro-batches each worker prepares ahead")
     progress: bool = Field(True, description="show a progress bar")
+    report_to: list[str] = Field([], description=f"also log the metrics to {', '.join(TRACKERS)} (repeat the "
+                                 "flag or give a comma list; each needs its extra, e.g. tinyvlm[wandb])")
+    project: str = Field("tinyvlm", min_length=1, description="wandb / trackio project of the run (the run is "
+                         "named after the output folder)")
 
     @field_validator("data", mode="before")
     @classmethod
@@ -112,6 +118,19 @@ class TrainConfig(Options):
             return [str(value)]
         if isinstance(value, (list, tuple)):
             return [str(v) if isinstance(v, Path) else v for v in value]
+        return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            names = [name.strip() for item in value for name in str(item).split(",") if name.strip()]
+            unknown = [name for name in names if name not in TRACKERS]
+            if unknown:
+                raise ValueError(f"unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+            return list(dict.fromkeys(names))
         return value
 
     @field_validator("val_data", mode="before")

@@ -24,6 +24,7 @@ prints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -37,15 +38,17 @@ from torch import Tensor, nn
 from tinyvlm.data.loading import Collator, MicroBatch, SampleMaker, filler_batch, load, skipped_message
 from tinyvlm.data.records import IGNORE_INDEX, Batch, open_image
 from tinyvlm.errors import ConfigError
-from tinyvlm.vlm.files import save_vlm
 from tinyvlm.training.checkpoints import (
     CHECKPOINTS, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
 from tinyvlm.training.inputs import Held, open_data, prepare_data
-from tinyvlm.training.strategies import checkpoint_activations, make_strategy
+from tinyvlm.training.plot import curves_after_run
 from tinyvlm.training.progress import MetricsLog, Progress
+from tinyvlm.training.strategies import checkpoint_activations, make_strategy
+from tinyvlm.training.tracking import check_installed, open_trackers
+from tinyvlm.vlm.files import save_vlm
 
 METRICS = "metrics.jsonl"
 FINAL = "model"
@@ -212,13 +215,14 @@ def train(**options: Any) -> TrainResult:
 def run(config: TrainConfig) -> TrainResult:
     processes = start_processes(config.device, group=config.strategy == "fsdp")
     try:
-        return _run(config, processes)
+        with contextlib.ExitStack() as cleanup:
+            return _run(config, processes, cleanup)
     finally:
         if processes.grouped and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(config: TrainConfig, processes: Processes) -> TrainResult:
+def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStack) -> TrainResult:
     output = config.output
     existing = checkpoint_dirs(output)
     if config.resume and not existing:
@@ -229,6 +233,8 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         )
     if config.resume:
         check_resumable(existing[-1], config)
+    if processes.main:
+        check_installed(config.report_to)
     progress = Progress(0, 0, show_bar=config.progress, main=processes.main)
 
     opened = open_data(config)
@@ -263,6 +269,10 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         progress.message(f"resumed from {existing[-1]} (step {start})")
     if processes.main:
         output.mkdir(parents=True, exist_ok=True)
+        if config.report_to:
+            metrics.trackers = open_trackers(config.report_to, output, config.project, config.model_dump(mode="json"),
+                                             resumed_step=start)
+            cleanup.callback(metrics.close)
     processes.barrier()
 
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
@@ -371,6 +381,9 @@ def _run(config: TrainConfig, processes: Processes) -> TrainResult:
         last_eval = run_eval()
         metrics.write(step=max_steps, **last_eval)
         progress.result(_eval_line(max_steps, last_eval))
+    if processes.main:
+        progress.result(curves_after_run(output))
+    metrics.close()
     if lora is not None:
         from tinyvlm.lora.adapter import save_adapter
 

@@ -1,4 +1,5 @@
-"""What a run shows and records: a progress line on stderr and ``metrics.jsonl``."""
+"""What a run shows and records: a progress line on stderr, ``metrics.jsonl`` and the trackers of
+``--report-to`` (`tinyvlm.training.tracking`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tinyvlm.training.tracking import Tracker, scalars_of
 
 
 class Progress:
@@ -84,6 +87,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.trackers: list[Tracker] = []  # --report-to: each line also goes to them, as scalars
 
     def truncate_after(self, step: int, *, final_step: int) -> None:
         """Drop lines a killed run wrote after the checkpoint it resumes from, and the final evaluation (at
@@ -98,3 +102,11 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as file:
                 file.write(json.dumps(values) + "\n")
+            scalars = scalars_of(values)
+            for tracker in self.trackers:
+                tracker.log(scalars, values["step"])
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
