@@ -202,7 +202,11 @@ class RotaryEmbedding(nn.Module):
 
 def linear(x: Tensor, layer: nn.Linear) -> Tensor:
     """``layer(x)``, through `split_linear` when that applies (a plain bias-free ``nn.Linear``; anything
-    else, e.g. a module with hooks or a replacement class, is called as is)."""
+    else, e.g. a module with hooks or a replacement class, is called as is). Under ``torch.compile`` it is
+    ``layer(x)``: the split is for eager CPU decoding, and its thread query would break the graph (and
+    recompile this function for every weight shape)."""
+    if torch.compiler.is_compiling():
+        return layer(x)
     if layer.bias is None and type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks:
         return split_linear(x, layer.weight)
     return layer(x)
