@@ -4,7 +4,10 @@
 * `tinyvlm.training.loop`: `train` / `run`, the optimizer loop and held-out evaluation;
 * `tinyvlm.training.checkpoints`: atomic checkpoints and exact resume;
 * `tinyvlm.training.distributed`: the ``torchrun`` process group;
-* `tinyvlm.training.progress`: the progress line and ``metrics.jsonl``.
+* `tinyvlm.training.strategies`: DDP or FSDP2 (``strategy``), activation checkpointing;
+* `tinyvlm.training.progress`: the progress line and ``metrics.jsonl``;
+* `tinyvlm.training.tracking`: ``report_to`` (TensorBoard, wandb, Trackio);
+* `tinyvlm.training.plot`: ``metrics.png``, the curves of a run.
 """
 
 from __future__ import annotations
