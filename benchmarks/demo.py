@@ -2,7 +2,11 @@
 folder, printing the held-out exact match (overall and per question kind), the chance level, the wall time
 and the machine's load average (the accuracy is deterministic; the time is not).
 
-    python benchmarks/demo.py [--steps 1200] [--seed 0] [--rounds 1]
+    python benchmarks/demo.py [--steps 1200] [--seed 0] [--rounds 1] [--threads N]
+
+The accuracy is the same on every rerun on one machine; ``--threads`` (default torch's: one per core, what
+``tinyvlm demo`` uses) matters, as another thread count may sum the matrix products in another order, which
+after 1200 steps can land on another model.
 
 README.md and docs/training.md ("The demo") quote its output.
 """
@@ -24,7 +28,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1, help="runs from scratch (the accuracy must not vary)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     results = []
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="tinyvlm-demo-bench-") as folder:
