@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tinyvlm.errors import ConfigError
 
@@ -56,6 +56,46 @@ class Config(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+#: ``quantize=`` / ``--quantize`` values: weight-only int8 or int4 (see `tinyvlm.quantize`).
+QUANT_MODES = ("int8", "int4")
+#: Input channels per int4 scale / zero point (the kernels take 32, 64, 128 or 256; 32 divides every width
+#: in the zoo, e.g. SmolLM2's 576, which 128 does not).
+INT4_GROUP_SIZE = 32
+
+
+class QuantizationConfig(Config):
+    """How a decoder's matrices are stored (weight-only quantization; activations stay floating point).
+
+    ``mode`` applies to every linear layer of the decoder blocks (and an untied LM head); ``embedding`` to
+    the token-embedding table, which a tied LM head shares. ``group_size`` (int4 only): consecutive input
+    channels sharing one scale and zero point. The stored layout is described in `tinyvlm.quantize`.
+    """
+
+    family: ClassVar[str] = "quantization"
+
+    mode: Literal["int8", "int4"]
+    embedding: Literal["int8", "int4"]
+    group_size: int | None = None
+
+    @classmethod
+    def for_mode(cls, mode: str) -> "QuantizationConfig":
+        """The configuration ``quantize=mode`` means (a `ConfigError` for a mode that does not exist)."""
+        if mode not in QUANT_MODES:
+            raise ConfigError(f"unknown quantize mode {mode!r}; use one of {', '.join(QUANT_MODES)} (or None for none)")
+        if mode == "int8":
+            return cls(mode="int8", embedding="int8")
+        return cls(mode="int4", embedding="int8", group_size=INT4_GROUP_SIZE)
+
+    @model_validator(mode="after")
+    def _group_size_for_int4(self) -> "QuantizationConfig":
+        int4 = "int4" in (self.mode, self.embedding)
+        if int4 and self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"int4 needs group_size 32, 64, 128 or 256 (got {self.group_size})")
+        if not int4 and self.group_size is not None:
+            raise ValueError("group_size applies to int4 only; leave it out for int8")
+        return self
 
 
 def _describe(cls: type[BaseModel], error: ValidationError, context: str) -> str:

@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinyvlm.config import Config
+from tinyvlm.config import Config, QuantizationConfig
 from tinyvlm.decoders.base import DecoderConfig
 from tinyvlm.devices import check_device, parse_dtype
 from tinyvlm.errors import ConfigError
+from tinyvlm.quantize import LoadQuantizer, check_quantize, quantize_decoder
 from tinyvlm.registry import Family, Kind, family_for_config, get_family, load_families
 from tinyvlm.sources import Source, resolve
+from tinyvlm.threads import set_threads
 from tinyvlm.weights import load_checkpoint
 
 
@@ -39,12 +41,21 @@ def build_decoder(
     pretrained: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """A language decoder by zoo key, ``hf-hub:`` repo or ``local-dir:`` folder, ready for inference
-    (`prepare_for_inference`). ``overrides`` are config fields."""
+    (`prepare_for_inference`). ``quantize``: ``"int8"`` / ``"int4"`` weight-only quantization, applied
+    while the checkpoint is read (`tinyvlm.quantize`); ``threads``: intra-op threads (`tinyvlm.threads`;
+    None: chosen automatically while decoding). ``overrides`` are config fields."""
+    set_threads(threads)
+    quantization = check_quantize(quantize, dtype=parse_dtype(dtype), device=check_device(device))
     source = resolve(name, "decoder")
-    decoder = build_part("decoder", source, pretrained=pretrained, dtype=dtype, device=device, overrides=overrides)
+    decoder = build_part(
+        "decoder", source, pretrained=pretrained, dtype=dtype, device=device, overrides=overrides,
+        quantization=quantization,
+    )
     return decoder.prepare_for_inference()
 
 
@@ -87,10 +98,14 @@ def build_part(
     dtype: torch.dtype | None,
     device: torch.device | str | None,
     overrides: dict[str, Any],
+    quantization: QuantizationConfig | None = None,
 ) -> nn.Module:
     """Load the source's weights, or initialise at random when ``pretrained`` is False or it has none
-    (the ``test-*`` zoo entries). In eval mode, in the training layout."""
+    (the ``test-*`` zoo entries). In eval mode, in the training layout. ``quantization`` (decoders, checked
+    by `tinyvlm.quantize.check_quantize`): quantize each matrix as it is read (random init: once built)."""
     dtype, device = parse_dtype(dtype), check_device(device)
+    if quantization is not None and kind != "decoder":
+        raise ConfigError(f"quantize applies to decoders; this is {_a(kind)}")
     family, config = part_config(kind, source, overrides)
     if pretrained and source.has_files:
         if family.key_map is None:
@@ -98,7 +113,13 @@ def build_part(
         files = source.weight_files()
         with torch.device("meta"):
             module = family.build(config)
-        return load_checkpoint(module, files, family.key_map(config), dtype=dtype, device=device).eval()
+        filler = None if quantization is None else LoadQuantizer(module, quantization)
+        return load_checkpoint(module, files, family.key_map(config), dtype=dtype, device=device, filler=filler).eval()
     with torch.device(device or "cpu"):
         module = family.build(config)
-    return (module.to(dtype) if dtype is not None else module).eval()
+    module = module.to(dtype) if dtype is not None else module
+    return (module if quantization is None else quantize_decoder(module, quantization)).eval()
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"

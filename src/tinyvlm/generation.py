@@ -96,6 +96,8 @@ class TokenModel(Protocol):
 
     def logits(self, hidden: Tensor) -> Tensor: ...
 
+    def thread_tuner(self, workload: str) -> Any: ...
+
 
 def stop_ids(model: TokenModel, sampling: SamplingConfig) -> list[int]:
     """The ids that end a row: ``sampling.eos_token_id``, or the checkpoint's when it is None."""
@@ -154,8 +156,9 @@ def _token_steps(
     generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
     seen: Tensor | None = None  # [B, V]: ids present so far (repetition penalty)
 
-    # inference mode is entered per step, not around the yields (a generator would leak it into the caller)
-    with torch.inference_mode():
+    # inference mode (and the step's thread count, see tinyvlm.threads) is entered per step, not around the
+    # yields (a generator would leak it into the caller)
+    with model.thread_tuner("prefill").step(B * T), torch.inference_mode():
         hidden = model.hidden_states(
             None if inputs_embeds is not None else input_ids,
             inputs_embeds=inputs_embeds,
@@ -175,7 +178,7 @@ def _token_steps(
                 return
         if step == new - 1:
             return
-        with torch.inference_mode():
+        with model.thread_tuner("decode").step(), torch.inference_mode():
             if seen is not None:
                 seen[torch.arange(B, device=device), token] = True
             hidden = model.hidden_states(

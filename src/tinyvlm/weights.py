@@ -11,12 +11,16 @@ pages stay resident until the file is closed (see ``benchmarks/load_memory.py``)
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import re
+import struct
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -69,6 +73,15 @@ class KeyMap:
         return None
 
 
+class TensorFiller(Protocol):
+    """Takes over the loading of some of a module's tensors (`tinyvlm.quantize.LoadQuantizer`): `claims`
+    says which (by module tensor name); `fill` reads one from its rows in the file and puts it in place."""
+
+    def claims(self, target: str) -> bool: ...
+
+    def fill(self, target: str, rows: "FileRows", device: torch.device) -> None: ...
+
+
 def load_checkpoint(
     module: nn.Module,
     files: list[Path],
@@ -76,10 +89,17 @@ def load_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    filler: TensorFiller | None = None,
 ) -> nn.Module:
     """Fill ``module`` (built on the meta device) from safetensors ``files`` through ``key_map``.
 
-    ``dtype=None`` keeps each tensor's stored dtype. Floating tensors are cast before they are moved.
+    ``dtype=None`` keeps each tensor's stored dtype. Floating tensors are cast before they are moved, except
+    in modules with ``keeps_stored_dtype`` (quantized ones: their scales keep the dtype the kernels read);
+    those modules' tensors are read into memory of their own (`read_tensor`), never left as views of the
+    memory-mapped file: the quantized kernels need aligned memory (a view at an arbitrary file offset
+    crashes them).
+    ``filler`` loads the tensors it claims itself (quantizing them as they are read), after the whole
+    checkpoint has been checked against the module as usual.
     """
     device = torch.device(device or "cpu")
     expected, aliases = _module_tensors(module)
@@ -90,16 +110,95 @@ def load_checkpoint(
     for path, keys in plan.items():
         with open_safetensors(path) as handle:
             for key, targets in keys:
-                tensor = handle.get_tensor(key)
+                if filler is not None and not key_map.squeezes(key) and all(filler.claims(t) for t in targets):
+                    for part, target in enumerate(targets):
+                        filler.fill(target, FileRows(path, key, part=part, parts=len(targets)), device)
+                    continue
+                owned = any(_keeps_stored_dtype(module, t) for t in targets)
+                tensor = read_tensor(path, key) if owned else handle.get_tensor(key)
                 if key_map.squeezes(key):
                     tensor = tensor.squeeze(0)
                 for target, chunk in zip(targets, tensor.chunk(len(targets)) if len(targets) > 1 else [tensor]):
-                    if dtype is not None and chunk.is_floating_point():
+                    if dtype is not None and chunk.is_floating_point() and not _keeps_stored_dtype(module, target):
                         chunk = chunk.to(dtype)
                     _assign(module, aliases[target], chunk.to(device).contiguous())
                 del tensor
     materialize_buffers(module, device)
     return module
+
+
+def _keeps_stored_dtype(module: nn.Module, target: str) -> bool:
+    owner = module.get_submodule(target.rpartition(".")[0])
+    return getattr(owner, "keeps_stored_dtype", False)
+
+
+#: safetensors dtype names.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _pread_into(path: Path, key: str, out: torch.Tensor, offset: int) -> torch.Tensor:
+    """Fill the (contiguous) ``out`` with its size in bytes of ``path`` from ``offset``."""
+    view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+    with open(path, "rb", buffering=0) as handle:
+        while done < len(view):
+            read = os.preadv(handle.fileno(), [view[done:]], offset + done)
+            if read <= 0:
+                raise WeightsError(f"{path} ends inside {key} (truncated?); download it or save it again")
+            done += read
+    return out
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read (``os.preadv``) into a new, aligned CPU tensor."""
+    header, data_start = read_header(path)
+    entry = header[key]
+    out = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+    return _pread_into(path, key, out, data_start + entry["data_offsets"][0]) if out.numel() else out
+
+
+class FileRows:
+    """The rows of one 2-D floating-point tensor of a safetensors file, read in blocks with plain reads
+    (``os.preadv``): a memory map would keep every page it touched resident until the file is closed, so a
+    matrix converted block by block (quantized) would still cost its full size. The file's header gives the
+    dtype, shape and byte range; rows are contiguous. ``part`` of ``parts``: one of the equal row ranges a
+    key map splits a tensor into."""
+
+    def __init__(self, path: Path, key: str, *, part: int = 0, parts: int = 1) -> None:
+        header, data_start = read_header(path)
+        entry = header[key]
+        if entry["dtype"] not in ("F64", "F32", "F16", "BF16") or len(entry["shape"]) != 2:
+            raise WeightsError(f"{path}: {key} is {entry['dtype']} {entry['shape']}, not a floating-point matrix")
+        self.path, self.key = path, key
+        self.dtype = DTYPES[entry["dtype"]]
+        rows, self.cols = entry["shape"]
+        self.rows = rows // parts
+        self.row_bytes = self.cols * torch.finfo(self.dtype).bits // 8
+        self.offset = data_start + entry["data_offsets"][0] + part * self.rows * self.row_bytes
+
+    def blocks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows [n, cols])`` for blocks of ``size`` rows, in the file's dtype."""
+        for start in range(0, self.rows, size):
+            block = torch.empty(min(size, self.rows - start), self.cols, dtype=self.dtype)
+            yield start, _pread_into(self.path, self.key, block, self.offset + start * self.row_bytes)
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the offset where its data starts."""
+    stat = os.stat(path)
+    try:
+        return _read_header(str(path), stat.st_mtime_ns, stat.st_size)
+    except (OSError, ValueError, struct.error) as error:
+        raise WeightsError(f"{path} is not a readable safetensors file ({error}); download or save it again") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _read_header(path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length)), 8 + length
 
 
 @contextmanager

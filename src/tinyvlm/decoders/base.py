@@ -16,6 +16,8 @@ from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
 from tinyvlm.generation import SamplingConfig, generate_tokens
 from tinyvlm.layers import split_linear
+from tinyvlm.quantize import QuantizedEmbedding, QuantizedMatrix
+from tinyvlm.threads import ThreadTuner
 
 
 @dataclass
@@ -49,6 +51,12 @@ class Decoder(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> "KVCache":
         """An empty preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + new)."""
         raise NotImplementedError
+
+    def thread_tuner(self, workload: str) -> ThreadTuner:
+        """This decoder's `ThreadTuner` for ``workload`` (``"prefill"``, ``"decode"``), kept across calls so
+        that what it measured carries over from one generation to the next."""
+        tuners = self.__dict__.setdefault("_thread_tuners", {})
+        return tuners.setdefault(workload, ThreadTuner())
 
     def generate(
         self,
@@ -199,6 +207,11 @@ class TransformerDecoder(Decoder):
     def vocab_size(self) -> int:
         return self.embed_tokens.weight.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype the decoder computes in (its norms'; quantized matrices store ints)."""
+        return self.norm.weight.dtype
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Random init as the reference's ``initializer_range``: linear and embedding weights N(0, std),
@@ -214,18 +227,17 @@ class TransformerDecoder(Decoder):
                     module.weight[module.padding_idx].zero_()
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.embed_tokens(input_ids)
+        return self.embed_tokens(input_ids).to(self.dtype)  # a quantized table gives float32 rows
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        weight = self.embed_tokens.weight
         return KVCache(
             [layer.self_attn.window for layer in self.layers],
             batch_size=batch_size,
             max_len=max_len,
             num_kv_heads=self.config.num_kv_heads,
             head_dim=self.config.head_dim,
-            dtype=weight.dtype,
-            device=weight.device,
+            dtype=self.dtype,
+            device=self.embed_tokens.weight.device,
         )
 
     @torch.no_grad()
@@ -241,10 +253,14 @@ class TransformerDecoder(Decoder):
         head, q, gate, up) 1.3-1.9x faster when it is stored column-major (``W.t()`` contiguous), a narrow one
         (k, v, o, down) faster row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest
         row-major throughout.
+
+        Quantized matrices (`tinyvlm.quantize`) take the layout their kernels read (int4: tiled).
         """
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         for module in self.modules():
-            if isinstance(module, nn.Linear) or module is head:
+            if isinstance(module, QuantizedMatrix):
+                module.prepare_for_inference()
+            elif isinstance(module, nn.Linear) or module is head:
                 weight = module.weight
                 out_features, in_features = weight.shape
                 column_major = (
@@ -271,8 +287,8 @@ class TransformerDecoder(Decoder):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head over final hidden states (the unscaled embedding matrix when tied)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = split_linear(hidden, weight)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        logits = head.matmul(hidden) if isinstance(head, QuantizedMatrix) else split_linear(hidden, head.weight)
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
@@ -342,6 +358,13 @@ class TransformerDecoder(Decoder):
         old = self.vocab_size
         if new_size < old:
             raise ConfigError(f"resize_vocab only grows the vocabulary ({old} -> {new_size} would drop tokens)")
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            if self.lm_head is not None:
+                raise ConfigError("resize_vocab of a quantized decoder with an untied head: resize before quantizing")
+            mean = self.embed_tokens.dequantize().mean(0, keepdim=True)
+            self.embed_tokens.grow(mean.expand(new_size - old, -1))
+            self.config = self.config.replace(vocab_size=new_size)
+            return
         self.embed_tokens.weight = nn.Parameter(_grown(self.embed_tokens.weight, new_size))
         self.embed_tokens.num_embeddings = new_size
         if self.lm_head is not None:

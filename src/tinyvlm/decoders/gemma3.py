@@ -156,11 +156,11 @@ class Gemma3(TransformerDecoder):
         self.init_weights()
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """Embeddings times sqrt(hidden), the scale rounded to the weights' dtype first (25.25 in bf16 for
+        """Embeddings times sqrt(hidden), the scale rounded to the decoder's dtype first (25.25 in bf16 for
         hidden 640), as the reference does. Embeddings a VLM splices in afterwards are not scaled."""
-        weight = self.embed_tokens.weight
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=weight.dtype, device=weight.device)
-        return self.embed_tokens(input_ids) * scale
+        embeds = super().embed(input_ids)
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype, device=embeds.device)
+        return embeds * scale
 
 
 def key_map(config: Gemma3Config) -> KeyMap:

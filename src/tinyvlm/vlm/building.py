@@ -22,8 +22,10 @@ import torch
 from tinyvlm.devices import check_device, parse_dtype
 from tinyvlm.errors import ConfigError
 from tinyvlm.factory import build_part
+from tinyvlm.quantize import LoadQuantizer, check_quantize, check_target, quantized_structure
 from tinyvlm.registry import Family, family_for_config, get_family, get_spec
 from tinyvlm.sources import Source, resolve
+from tinyvlm.threads import set_threads
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vlm.config import BuiltParts, ImageTokenConfig, VLMConfig
 from tinyvlm.vlm.model import VLM, fit_projector, projector_base, record
@@ -42,6 +44,8 @@ def build_vlm(
     decoder_kwargs: dict[str, Any] | None = None,
     projector_kwargs: dict[str, Any] | None = None,
     processor_kwargs: dict[str, Any] | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
 ) -> VLM:
     """Join an encoder and a decoder through a projector (default ``pixel-shuffle-mlp``), or build a recipe
     (one name, or a `VLMConfig`). Names are zoo keys, ``hf-hub:ORG/NAME[@REV]`` or ``local-dir:PATH``.
@@ -49,15 +53,19 @@ def build_vlm(
     ``pretrained`` loads the backbones' weights (entries without weights are random-init); the projector is
     always freshly initialised. ``dtype=None`` keeps the checkpoints' dtypes (decoders bf16, encoders fp32)
     and makes the projector fp32. ``*_kwargs`` override config fields of each part; ``processor_kwargs``
-    those of `ImageTokenConfig` (``split_images=True, max_grid=4``, ...). The model comes in eval mode and the
-    training layout; call ``prepare_for_inference()`` before decoding with it.
+    those of `ImageTokenConfig` (``split_images=True, max_grid=4``, ...). ``quantize`` (``"int8"`` /
+    ``"int4"``) quantizes the decoder as its checkpoint is read (`tinyvlm.quantize`); ``threads`` sets the
+    intra-op threads (`tinyvlm.threads`). The model comes in eval mode and the training layout; call
+    ``prepare_for_inference()`` before decoding with it.
     """
+    set_threads(threads)
     dtype, device = parse_dtype(dtype), check_device(device)
     config = recipe_config(encoder, decoder, projector, encoder_kwargs, decoder_kwargs, projector_kwargs, processor_kwargs)
+    quantization = check_quantize(quantize, dtype=dtype, device=device) or config.quantization
     encoder_source, decoder_source = resolve(config.encoder, "encoder"), resolve(config.decoder, "decoder")
     options: dict[str, Any] = dict(pretrained=pretrained, dtype=dtype, device=device)
     enc = build_part("encoder", encoder_source, overrides=config.encoder_kwargs, **options)
-    dec = build_part("decoder", decoder_source, overrides=config.decoder_kwargs, **options)
+    dec = build_part("decoder", decoder_source, overrides=config.decoder_kwargs, quantization=quantization, **options)
     tokenizer = Tokenizer.from_folder(decoder_source.tokenizer_folder())  # the weights' commit
     with torch.device(device or "cpu"):
         proj = fit_projector(config, projector_base(config), enc, dec)
@@ -75,7 +83,7 @@ def build_vlm(
         image_token_id=image_token_id,
         marker_token_ids=marker_ids,
     )
-    return VLM(config.replace(parts=parts), enc, proj, dec, tokenizer).eval()
+    return VLM(config.replace(parts=parts, quantization=quantization), enc, proj, dec, tokenizer).eval()
 
 
 def recipe_config(
@@ -130,6 +138,8 @@ def load_vlm(
     adapter: str | Path | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
 ) -> VLM:
     """A saved or trained VLM, ready for inference: a folder written by `VLM.save_pretrained` (a path or
     ``local-dir:PATH``), a Hub repo (``hf-hub:ORG/NAME[@REV]``) or a trained zoo entry, in any layout the
@@ -137,15 +147,21 @@ def load_vlm(
 
     ``adapter``: a LoRA adapter folder (``tinyvlm train --lora``, or peft's ``save_pretrained``) applied to
     that base, unmerged (`tinyvlm.lora.adapter.merge_adapter` folds it in). With an adapter the base may also
-    be a recipe, rebuilt from its parts' pretrained weights, when the adapter holds its trained projector."""
+    be a recipe, rebuilt from its parts' pretrained weights, when the adapter holds its trained projector.
+    ``quantize`` (``"int8"`` / ``"int4"``) quantizes the decoder as it is read (a checkpoint saved quantized
+    loads as it was saved; `tinyvlm.quantize`); ``threads``: intra-op threads (`tinyvlm.threads`)."""
+    set_threads(threads)
     if adapter is None:
-        return read_vlm(vlm_source(str(name)), dtype=dtype, device=device).prepare_for_inference()
-    return with_adapter(str(name), adapter, dtype=dtype, device=device).prepare_for_inference()
+        return read_vlm(vlm_source(str(name)), dtype=dtype, device=device, quantize=quantize).prepare_for_inference()
+    return with_adapter(str(name), adapter, dtype=dtype, device=device, quantize=quantize).prepare_for_inference()
 
 
-def with_adapter(name: str, adapter: str | Path, *, dtype: torch.dtype | None, device: torch.device | str | None) -> VLM:
-    """The base ``name`` (a checkpoint, or a recipe built from pretrained parts) with the LoRA ``adapter``
-    injected and loaded (no inference step)."""
+def with_adapter(
+    name: str, adapter: str | Path, *, dtype: torch.dtype | None, device: torch.device | str | None,
+    quantize: str | None = None,
+) -> VLM:
+    """The base ``name`` (a checkpoint, or a recipe built from pretrained parts; quantized as it is read
+    with ``quantize``) with the LoRA ``adapter`` injected and loaded (no inference step)."""
     from tinyvlm.lora.adapter import load_adapter, read_adapter_config
 
     saved = read_adapter_config(adapter).modules_to_save or []
@@ -154,17 +170,17 @@ def with_adapter(name: str, adapter: str | Path, *, dtype: torch.dtype | None, d
             f"{name!r} is a recipe, whose projector is freshly initialised, and the adapter {adapter} does not hold a "
             "trained projector: give the saved VLM the adapter was trained on"
         )
-    return load_adapter(open_vlm(name, dtype=dtype, device=device), adapter)
+    return load_adapter(open_vlm(name, dtype=dtype, device=device, quantize=quantize), adapter)
 
 
 def open_vlm(name: str, *, pretrained: bool = True, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None) -> VLM:
+             device: torch.device | str | None = None, quantize: str | None = None) -> VLM:
     """What ``--model NAME`` means: a recipe key is built (`build_vlm`), anything with files is read
     (`load_vlm` without the inference step, so that training can use it too)."""
     source = resolve(name, "vlm")
     if not source.has_files:
-        return build_vlm(name, pretrained=pretrained, dtype=dtype, device=device)
-    return read_vlm(source, dtype=dtype, device=device)
+        return build_vlm(name, pretrained=pretrained, dtype=dtype, device=device, quantize=quantize)
+    return read_vlm(source, dtype=dtype, device=device, quantize=quantize)
 
 
 def vlm_source(name: str) -> Source:
@@ -182,15 +198,32 @@ def vlm_family(source: Source) -> Family:
     return family_for_config(source.config_json(), "vlm", where=source.name)
 
 
-def read_vlm(source: Source, *, dtype: torch.dtype | None, device: torch.device | str | None) -> VLM:
-    """Read a VLM checkpoint through its layout family: config and tokenizer, meta build, strict load."""
+def read_vlm(
+    source: Source, *, dtype: torch.dtype | None, device: torch.device | str | None, quantize: str | None = None
+) -> VLM:
+    """Read a VLM checkpoint through its layout family: config and tokenizer, meta build, strict load. A
+    checkpoint saved quantized gets its quantized modules before the load; ``quantize`` quantizes a float
+    one as it is read."""
     dtype, device = parse_dtype(dtype), check_device(device)
+    wanted = check_quantize(quantize, dtype=dtype, device=device)
     family = vlm_family(source)
     assert family.read is not None and family.key_map is not None, f"VLM family {family.name} cannot read files"
     config, tokenizer = family.read(source)
+    stored = config.quantization
+    if stored is not None and wanted is not None and wanted != stored:
+        raise ConfigError(
+            f"{source.name} is saved quantized as {stored.mode}; load it without quantize= (or with "
+            f"quantize={stored.mode!r}), or quantize the unquantized checkpoint as {wanted.mode}"
+        )
     with torch.device("meta"):
         vlm = family.build(config)
-    load_checkpoint(vlm, source.weight_files(), family.key_map(config), dtype=dtype, device=device)
+    if stored is not None:
+        check_target(stored, dtype=dtype, device=device)
+        quantized_structure(vlm.decoder, stored)
+    filler = LoadQuantizer(vlm, wanted, prefix="decoder.") if wanted is not None and stored is None else None
+    load_checkpoint(vlm, source.weight_files(), family.key_map(config), dtype=dtype, device=device, filler=filler)
+    if filler is not None:
+        vlm.config = vlm.config.replace(quantization=wanted)
     vlm.tokenizer = tokenizer
     return vlm.eval()
 

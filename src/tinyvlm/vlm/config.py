@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tinyvlm.config import Config
+from tinyvlm.config import Config, QuantizationConfig
 
 #: Version of the config.json layout written by `VLM.save_pretrained`.
 SCHEMA_VERSION = 1
@@ -129,6 +129,9 @@ class VLMConfig(Config):
     image_tokens: ImageTokenConfig = ImageTokenConfig()
     training: TrainingDefaults = TrainingDefaults()
     parts: BuiltParts | None = None
+    #: How the decoder's weights are stored (None: as the checkpoint, floating point); `tinyvlm.load_vlm`
+    #: builds the quantized modules it names before loading ``model.safetensors`` strictly.
+    quantization: QuantizationConfig | None = None
 
     @field_validator("schema_version")
     @classmethod

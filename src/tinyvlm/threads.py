@@ -1,0 +1,125 @@
+"""Intra-op threads: set in one place (`set_threads`, behind every ``threads=`` / ``--threads``), or chosen
+automatically, step by step, between all threads and one (`ThreadTuner`).
+
+Why automatic: a decoding step is a few hundred small products, and each product split over threads is an
+OpenMP parallel region that waits for its slowest thread. When another process keeps a core busy, the
+thread scheduled on that core gets a time slice only now and then, and every region waits for it: two threads
+then decode several times slower than one (and train slower too). Which count wins depends on the load at
+that moment, so `ThreadTuner` times the repeated step (a decoding step, a training step) at both counts,
+keeps the faster and checks the other again from time to time. With ``threads`` given explicitly (or
+``OMP_NUM_THREADS`` set) the count is fixed and nothing is tuned. The count only changes *during* a step
+and is restored after it, so code running between steps never sees it.
+
+Torch-free at import (torch is imported when a count is set).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import deque
+from contextlib import contextmanager
+from typing import Iterator
+
+from tinyvlm.errors import ConfigError
+
+_pinned: int | None = None
+
+
+def check_threads(threads: object) -> int:
+    """``threads`` as a count of intra-op threads (an integer >= 1), or a `ConfigError`."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1 (or None: automatic); got {threads!r}")
+    return threads
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` intra-op threads from now on (``torch.set_num_threads``), fixed: no tuning. None
+    leaves the count as it is, tuned automatically."""
+    global _pinned
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(check_threads(threads))
+    _pinned = threads
+
+
+def pinned() -> bool:
+    """Whether the user fixed the thread count (``threads=`` / ``--threads`` / ``OMP_NUM_THREADS``)."""
+    return _pinned is not None or bool(os.environ.get("OMP_NUM_THREADS"))
+
+
+class ThreadTuner:
+    """Chooses the intra-op thread count of a repeated step: all threads (torch's count when the step
+    starts) or one.
+
+    The first ``2 * warmup`` steps alternate between the two; then the one with the lower median time per
+    unit (token) over its last ``window`` steps runs, and the other is tried again for two steps after
+    ``probe_every`` steps. A probe that confirms the choice doubles that interval (up to ``max_probe_every``);
+    a probe faster by ``margin`` switches. Time spent probing the slower count is the price: a few percent.
+    """
+
+    def __init__(
+        self, *, warmup: int = 3, window: int = 5, probe_every: int = 16, max_probe_every: int = 256, margin: float = 0.9
+    ) -> None:
+        self.warmup, self.margin = warmup, margin
+        self.first_probe_every, self.max_probe_every = probe_every, max_probe_every
+        self.probe_every = probe_every
+        self.times: dict[str, deque[float]] = {"all": deque(maxlen=window), "one": deque(maxlen=window)}
+        self.steps = 0
+        self.choice = "all"
+        self.probe_left = 0
+        self.since_probe = 0
+
+    def _next(self) -> str:
+        if self.steps < 2 * self.warmup:
+            return ("all", "one")[self.steps % 2]
+        if self.probe_left:
+            return "one" if self.choice == "all" else "all"
+        return self.choice
+
+    def _record(self, kind: str, seconds: float) -> None:
+        self.times[kind].append(seconds)
+        self.steps += 1
+        if self.steps == 2 * self.warmup:
+            self._decide(initial=True)
+        elif self.probe_left:
+            self.probe_left -= 1
+            if not self.probe_left:
+                self._decide(initial=False)
+        else:
+            self.since_probe += 1
+            if self.since_probe >= self.probe_every:
+                self.since_probe, self.probe_left = 0, 2
+
+    def _decide(self, *, initial: bool) -> None:
+        other = "one" if self.choice == "all" else "all"
+        mine, theirs = statistics.median(self.times[self.choice]), statistics.median(self.times[other])
+        if theirs < self.margin * mine or (initial and theirs < mine):
+            self.choice, self.probe_every = other, self.first_probe_every
+        elif not initial:
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+
+    @contextmanager
+    def step(self, units: float = 1.0) -> Iterator[None]:
+        """Run one step (``units``: its size, e.g. tokens) at the chosen count, timed; the count in force
+        before is restored afterwards."""
+        import torch
+
+        before = torch.get_num_threads()
+        if pinned() or before == 1:
+            yield
+            return
+        kind = self._next()
+        if kind == "one":
+            torch.set_num_threads(1)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            if kind == "one":
+                torch.set_num_threads(before)
+        self._record(kind, elapsed / max(units, 1e-9))
