@@ -1,8 +1,10 @@
 """Weight-only int8 / int4 quantization of decoders, computed by PyTorch's own kernels.
 
-What is quantized: every linear layer of the decoder blocks (q, k, v, o, gate, up, down; an untied LM head)
-in ``mode``, and the token-embedding table, which a tied LM head shares, in ``embedding`` mode
-(`tinyvlm.config.QuantizationConfig`). Norms, RoPE, the KV cache and all activations stay floating point.
+What is quantized (`tinyvlm.config.QuantizationConfig`): every linear layer of the decoder blocks (q, k, v,
+o, gate, up, down; an untied LM head) and the token-embedding table, which a tied LM head shares.
+``quantize="int8"`` stores them all in int8; ``quantize="int4"`` stores q, k, o and down in int4 and keeps
+v, gate, up and the embedding in int8 (the ones whose int4 error cost the most perplexity, see
+`QuantizationConfig.for_mode`). Norms, RoPE, the KV cache and all activations stay floating point.
 
 Layout of a quantized matrix ``W [rows, cols]`` (a weight ``[out, in]`` or an embedding table
 ``[vocab, dim]``), as `QuantizedMatrix` holds it and ``model.safetensors`` stores it under the module's name:
@@ -91,17 +93,53 @@ def quantize_int8(rows: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+#: int4 search: each group's range [min, max] is tried shrunk about its middle by these factors, and each
+#: start refined by this many rounds of least squares (see `quantize_int4`).
+INT4_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8)
+INT4_REFINE_STEPS = 4
+
+
 def quantize_int4(rows: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    """``rows [n, k]`` (float) -> packed uint8 ``[n, k / 2]`` and bf16 scale/zero ``[k / group, n, 2]``
-    (asymmetric: each group's minimum and maximum map to 0 and 15)."""
+    """``rows [n, k]`` (float) -> packed uint8 ``[n, k / 2]`` and bf16 scale/zero ``[k / group, n, 2]``.
+
+    Asymmetric groups: a group's range maps onto the 16 codes. The range starts as the group's [min, max],
+    shrunk about its middle by each of `INT4_SHRINKS` (clipping the extremes can lower the error of all the
+    others); from each start, `INT4_REFINE_STEPS` times, the codes are rounded and the scale and zero refitted
+    by least squares to the values given those codes. Each group keeps the candidate with the smallest
+    squared error. On the real Gemma-3 270M (the ``quantize="int4"`` mix, 1024 tokens) min/max alone lost
+    4.1 % perplexity, least squares from min/max 4.1 %, with the shrink search 2.9 %.
+    """
     n, k = rows.shape
     grouped = rows.float().view(n, k // group, group)
     low, high = grouped.amin(-1), grouped.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-12).to(KERNEL_DTYPE).float()
-    zero = (low + 8 * scale).to(KERNEL_DTYPE).float()
-    q = torch.round((grouped - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).view(n, k)
+    middle, half = (low + high) / 2, (high - low) / 2
+    best_error = best_scale = best_zero = best_u = None
+    for shrink in INT4_SHRINKS:
+        scale = (2 * shrink * half / 15).clamp(min=1e-12)
+        zero = middle - shrink * half + 8 * scale
+        for step in range(INT4_REFINE_STEPS + 1):
+            s = scale.to(KERNEL_DTYPE).float().clamp(min=1e-12)  # what is stored, and what the kernels use
+            z = zero.to(KERNEL_DTYPE).float()
+            u = torch.round((grouped - z[..., None]) / s[..., None]).clamp(-8, 7)  # the code minus 8
+            error = (u * s[..., None] + z[..., None] - grouped).square().sum(-1)
+            if best_error is None:
+                best_error, best_scale, best_zero, best_u = error, s, z, u
+            else:
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
+                best_u = torch.where(better[..., None], u, best_u)
+            if step < INT4_REFINE_STEPS:  # least squares of grouped ~ scale * u + zero for these codes
+                su, suu = u.sum(-1), u.square().sum(-1)
+                sy, suy = grouped.sum(-1), (u * grouped).sum(-1)
+                det = group * suu - su * su
+                solvable = det > 0
+                det = torch.where(solvable, det, 1.0)
+                scale = torch.where(solvable, (group * suy - su * sy) / det, scale)
+                zero = torch.where(solvable, (suu * sy - su * suy) / det, zero)
+    q = (best_u + 8).to(torch.uint8).view(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    scale_zero = torch.stack((scale.t(), zero.t()), dim=-1).to(KERNEL_DTYPE)
+    scale_zero = torch.stack((best_scale.t(), best_zero.t()), dim=-1).to(KERNEL_DTYPE)
     return packed.contiguous(), scale_zero.contiguous()
 
 
@@ -388,11 +426,12 @@ def check_shape(rows: int, cols: int, mode: str, group_size: int | None) -> None
 
 def quantized_targets(decoder: nn.Module, config: QuantizationConfig) -> dict[str, str]:
     """Module names (relative to ``decoder``) to quantize, with the mode of each: every ``nn.Linear`` of
-    the blocks and an untied ``lm_head`` in ``config.mode``, ``embed_tokens`` in ``config.embedding``."""
+    the blocks and an untied ``lm_head`` (`QuantizationConfig.mode_of`), ``embed_tokens`` in
+    ``config.embedding``."""
     targets = {}
     for name, module in decoder.named_modules():
         if isinstance(module, (nn.Linear, QuantizedLinear)) and (name.startswith("layers.") or name == "lm_head"):
-            targets[name] = config.mode
+            targets[name] = config.mode_of(name)
         elif name == "embed_tokens":
             targets[name] = config.embedding
     if "embed_tokens" not in targets:
