@@ -38,8 +38,9 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``tinyvlm`` parser. The flags of ``train`` come from its config's fields, which costs a pydantic
-    import: they are added only when ``command`` is ``train`` (``list-models`` stays fast)."""
+    """The ``tinyvlm`` parser. The flags of ``train`` and ``serve`` come from their configs' fields, and
+    ``--quantize`` / ``--threads`` of ``generate`` and ``eval`` from `tinyvlm.config.RuntimeOptions`, which
+    costs a pydantic import: they are added only when ``command`` is that command (``list-models`` stays fast)."""
     parser = argparse.ArgumentParser(prog="tinyvlm", description="Small vision-language models in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"tinyvlm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -59,8 +60,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     download.add_argument("names", nargs="+", metavar="NAME")
     download.set_defaults(handler=cmd_download)
 
-    add_generate_parser(commands)
-    add_eval_parser(commands)
+    add_generate_parser(commands, with_flags=command == "generate")
+    add_eval_parser(commands, with_flags=command == "eval")
 
     add_train_parser(commands, with_flags=command == "train")
     add_merge_parser(commands)
@@ -184,7 +185,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+def add_generate_parser(commands: argparse._SubParsersAction, *, with_flags: bool) -> None:
     generate = commands.add_parser(
         "generate", help="answer a prompt about images, streaming the answer",
         description="Answer a prompt about one or more images with a saved VLM (--model) or one assembled from "
@@ -211,7 +212,24 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=None, help="seed of the sampling (same seed, same answer)")
     generate.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     generate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_runtime_flags(generate, with_flags=with_flags)
     generate.set_defaults(handler=cmd_generate)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, *, with_flags: bool) -> None:
+    """``--quantize`` and ``--threads``: the fields of `tinyvlm.config.RuntimeOptions`, for a command that runs
+    a model (added when ``with_flags``: that command is the one running); `runtime_options` reads them."""
+    if with_flags:
+        from tinyvlm.config import RuntimeOptions
+
+        add_config_flags(parser, RuntimeOptions)
+
+
+def runtime_options(args: argparse.Namespace):
+    """The `tinyvlm.config.RuntimeOptions` given on the command line, validated."""
+    from tinyvlm.config import RuntimeOptions
+
+    return validated(RuntimeOptions, given_options(args, RuntimeOptions))
 
 
 #: ``tinyvlm generate`` flags that are `tinyvlm.generation.SamplingConfig` fields (same names, ``-`` for ``_``).
@@ -221,19 +239,22 @@ _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetitio
 def cmd_generate(args: argparse.Namespace) -> int:
     from tinyvlm.devices import check_device, default_device, parse_dtype
     from tinyvlm.errors import ConfigError
+    from tinyvlm.threads import set_threads
     from tinyvlm.vlm.building import build_vlm, open_vlm
 
     check_sampling_flags({name: getattr(args, name) for name in _SAMPLING_FLAGS})  # before the model is loaded
+    runtime = runtime_options(args)
+    set_threads(runtime.threads)
     dtype = parse_dtype(args.dtype)
     device = check_device(args.device) or default_device()
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        vlm = open_vlm(args.model, dtype=dtype, device=device)
+        vlm = open_vlm(args.model, dtype=dtype, device=device, quantize=runtime.quantize)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
-        vlm = build_vlm(args.encoder, args.decoder, args.projector, dtype=dtype, device=device)
+        vlm = build_vlm(args.encoder, args.decoder, args.projector, dtype=dtype, device=device, quantize=runtime.quantize)
     vlm.prepare_for_inference()
     pieces = vlm.stream(
         args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -263,7 +284,7 @@ def check_sampling_flags(values: dict[str, object]) -> None:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+def add_eval_parser(commands: argparse._SubParsersAction, *, with_flags: bool) -> None:
     from tinyvlm.evaluation.tasks import TASKS  # torch-free
 
     evaluate = commands.add_parser(
@@ -285,25 +306,19 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--log-samples", action="store_true",
                           help="add each sample's prompt, answer, reference and score to the results")
     evaluate.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    evaluate.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     evaluate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
+    add_runtime_flags(evaluate, with_flags=with_flags)
     evaluate.set_defaults(handler=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tinyvlm.errors import ConfigError
     from tinyvlm.evaluation.runner import evaluate
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    runtime = runtime_options(args)
     results = evaluate(
         args.model, args.task, data=args.data, split=args.split, limit=args.limit, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, output=args.output, log_samples=args.log_samples,
-        progress=args.progress, device=args.device,
+        progress=args.progress, device=args.device, quantize=runtime.quantize, threads=runtime.threads,
     )
     for name, task in results["tasks"].items():
         print(f"{name}: {task['metric']} {task['score']:.4f} on {task['samples']} samples "
@@ -566,19 +581,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tinyvlm.errors import ConfigError
     from tinyvlm.serve.app import run
     from tinyvlm.serve.config import ServeConfig
+    from tinyvlm.threads import set_threads
     from tinyvlm.vlm.building import build_vlm, open_vlm
 
     config = validated(ServeConfig, given_options(args, ServeConfig))
+    set_threads(config.threads)
     device = check_device(args.device) or default_device()
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        name, vlm = args.model, open_vlm(args.model, device=device)
+        name, vlm = args.model, open_vlm(args.model, device=device, quantize=config.quantize)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
         name = f"{args.encoder}+{args.decoder}"
-        vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device)
+        vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device, quantize=config.quantize)
     run(vlm.prepare_for_inference(), name, config)
     return 0
 

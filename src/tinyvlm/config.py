@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tinyvlm.errors import ConfigError
 
@@ -68,9 +68,9 @@ INT4_GROUP_SIZE = 32
 class QuantizationConfig(Config):
     """How a decoder's matrices are stored (weight-only quantization; activations stay floating point).
 
-    ``mode`` applies to the linear layers of the decoder blocks (and an untied LM head), except those whose
-    names end with one of ``int8_layers``, which are int8; ``embedding`` to the token-embedding table, which
-    a tied LM head shares. ``group_size`` (int4 only): consecutive input channels sharing one scale and zero.
+    ``mode`` applies to the linear layers of the decoder blocks, except those whose names end with one of
+    ``int8_layers``, which are int8; ``embedding`` to the token-embedding table (which a tied LM head
+    shares) and to an untied LM head. ``group_size`` (int4 only): consecutive input channels sharing one scale and zero.
     The stored layout is described in `tinyvlm.quantize`; `for_mode` gives what ``quantize=`` means.
     """
 
@@ -85,8 +85,8 @@ class QuantizationConfig(Config):
     def for_mode(cls, mode: str) -> "QuantizationConfig":
         """What ``quantize=mode`` means (a `ConfigError` for a mode that does not exist).
 
-        ``"int8"``: every matrix int8. ``"int4"``: q, k, o and down projections int4 (groups of 32); the value
-        projection, gate and up projections and the embedding / tied head int8. Measured on the real
+        ``"int8"``: every matrix int8. ``"int4"``: q, k, o and down projections int4 (groups of 32); the value,
+        gate and up projections and the embedding / LM head int8. Measured on the real
         Gemma-3 270M (docs/decoders.md, "Quantization"): those three projections in int4 each cost 3-11 %
         perplexity, the other four 0.4-1.8 %, the embedding 5 %; all-int4 lost 20-32 %.
         """
@@ -163,6 +163,18 @@ class Options(BaseModel):
             problem = ConfigError("; ".join(describe_options(type(self), error.errors(), str)))
             problem.problems = error.errors()  # type: ignore[attr-defined]
             raise problem from None
+
+
+class RuntimeOptions(Options):
+    """How a command runs its model, shared by every command that runs one (``generate``, ``eval``, ``serve``,
+    ``train``): the flags ``--quantize`` and ``--threads``. The defaults are fp32 weights as stored (exact) and
+    an automatic thread count (`tinyvlm.threads`)."""
+
+    quantize: Literal["int8", "int4"] | None = Field(
+        None, description="weight-only quantization of the decoder, applied while its checkpoint is read: int8 or "
+        "int4 (default: none, the weights as stored; see docs/decoders.md)")
+    threads: int | None = Field(None, ge=1, description="intra-op CPU threads (default: chosen per step between all "
+                                "and one, see docs/decoders.md)")
 
 
 def describe_options(model: type[BaseModel], problems: list[Any], name: Any) -> list[str]:

@@ -1,7 +1,7 @@
 """Weight-only int8 / int4 quantization of decoders, computed by PyTorch's own kernels.
 
 What is quantized (`tinyvlm.config.QuantizationConfig`): every linear layer of the decoder blocks (q, k, v,
-o, gate, up, down; an untied LM head) and the token-embedding table, which a tied LM head shares.
+o, gate, up, down), the token-embedding table (which a tied LM head shares) and an untied LM head.
 ``quantize="int8"`` stores them all in int8; ``quantize="int4"`` stores q, k, o and down in int4 and keeps
 v, gate, up and the embedding in int8 (the ones whose int4 error cost the most perplexity, see
 `QuantizationConfig.for_mode`). Norms, RoPE, the KV cache and all activations stay floating point.
@@ -52,8 +52,8 @@ from tinyvlm.weights import FileRows
 
 #: The dtype activations are cast to for the kernels, and the dtype of scales and zeros.
 KERNEL_DTYPE = torch.bfloat16
-#: Rows read and quantized at a time when streaming from a checkpoint (a multiple of the CPU int4 tile, 64).
-ROW_BLOCK = 4096
+#: Values read and quantized at a time (4 MB of fp32): the quantization's temporaries are a few times this.
+BLOCK_VALUES = 1 << 20
 #: The CPU int4 kernel tiles rows in blocks of this many (`_convert_weight_to_int4pack_for_cpu`).
 CPU_INT4_TILE = 64
 
@@ -272,8 +272,9 @@ class QuantizedMatrix(nn.Module):
     def from_float(cls, weight: Tensor, mode: str, group_size: int | None) -> "QuantizedMatrix":
         """Quantize a float matrix, a block of rows at a time (on its device)."""
         module = cls(*weight.shape, mode, group_size, device=weight.device)
-        for start in range(0, weight.shape[0], ROW_BLOCK):
-            module.quantize_rows(start, weight[start : start + ROW_BLOCK])
+        step = block_rows(weight.shape[1])
+        for start in range(0, weight.shape[0], step):
+            module.quantize_rows(start, weight[start : start + step])
         return module
 
     # ------------------------------------------------------------------------------------------- reading
@@ -409,6 +410,11 @@ class QuantizedEmbedding(QuantizedMatrix):
         self.rows = self.num_embeddings = grown.rows
 
 
+def block_rows(cols: int) -> int:
+    """Rows per block of `BLOCK_VALUES` values (at least 16)."""
+    return max(16, BLOCK_VALUES // cols)
+
+
 def check_shape(rows: int, cols: int, mode: str, group_size: int | None) -> None:
     """Refuse shapes the kernels cannot take, naming the fix."""
     if mode not in QUANT_MODES:
@@ -426,13 +432,13 @@ def check_shape(rows: int, cols: int, mode: str, group_size: int | None) -> None
 
 def quantized_targets(decoder: nn.Module, config: QuantizationConfig) -> dict[str, str]:
     """Module names (relative to ``decoder``) to quantize, with the mode of each: every ``nn.Linear`` of
-    the blocks and an untied ``lm_head`` (`QuantizationConfig.mode_of`), ``embed_tokens`` in
+    the blocks (`QuantizationConfig.mode_of`); ``embed_tokens`` and an untied ``lm_head`` in
     ``config.embedding``."""
     targets = {}
     for name, module in decoder.named_modules():
-        if isinstance(module, (nn.Linear, QuantizedLinear)) and (name.startswith("layers.") or name == "lm_head"):
+        if isinstance(module, (nn.Linear, QuantizedLinear)) and name.startswith("layers."):
             targets[name] = config.mode_of(name)
-        elif name == "embed_tokens":
+        elif name in ("embed_tokens", "lm_head"):
             targets[name] = config.embedding
     if "embed_tokens" not in targets:
         raise ConfigError(f"{type(decoder).__name__} is not a decoder with embed_tokens and layers; it cannot be quantized")
@@ -474,8 +480,9 @@ def quantize_decoder(decoder: nn.Module, config: QuantizationConfig) -> nn.Modul
         if not weight.is_floating_point():
             raise ConfigError(f"{name}.weight is {weight.dtype}, not floating point; it cannot be quantized")
         new = _replacement(module, mode, config.group_size, device=weight.device)
-        for start in range(0, weight.shape[0], ROW_BLOCK):
-            new.quantize_rows(start, weight[start : start + ROW_BLOCK])
+        step = block_rows(weight.shape[1])
+        for start in range(0, weight.shape[0], step):
+            new.quantize_rows(start, weight[start : start + step])
         if isinstance(new, QuantizedLinear) and new.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         _swap(decoder, name, new)
@@ -533,6 +540,6 @@ class LoadQuantizer:
         new = _replacement(old, self.modes[target], self.config.group_size, device)
         if isinstance(new, QuantizedLinear) and new.bias is not None:
             new.bias = old.bias  # still meta, or loaded already: the loader fills it by name either way
-        for start, block in rows.blocks(ROW_BLOCK):
+        for start, block in rows.blocks(block_rows(rows.cols)):
             new.quantize_rows(start, block)
         _swap(self.root, name, new)

@@ -183,6 +183,7 @@ class FileRows:
         for start in range(0, self.rows, size):
             block = torch.empty(min(size, self.rows - start), self.cols, dtype=self.dtype)
             yield start, _pread_into(self.path, self.key, block, self.offset + start * self.row_bytes)
+            del block  # before the next one is allocated
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:

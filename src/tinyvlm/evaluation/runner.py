@@ -35,6 +35,8 @@ def evaluate(
     log_samples: bool = False,
     progress: bool = True,
     device: str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``tasks`` and return the results (and write them to ``output`` as JSON).
 
@@ -46,6 +48,8 @@ def evaluate(
     records). ``limit``: the
     first N samples of each task. ``max_new_tokens`` replaces the tasks' own limits. ``log_samples`` adds
     every sample's prompt, answer, reference and score. ``progress``: a progress line on stderr.
+    ``quantize`` (``"int8"`` / ``"int4"``, a model given by name) quantizes its decoder as it is read;
+    ``threads``: intra-op CPU threads (default: automatic, `tinyvlm.threads`).
     """
     chosen = parse_tasks(tasks)
     if (data is not None or split is not None) and len(chosen) > 1:
@@ -55,12 +59,16 @@ def evaluate(
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    vlm, model_name = _open(model, device)
+    from tinyvlm.threads import set_threads
+
+    set_threads(threads)
+    vlm, model_name = _open(model, device, quantize)
     results: dict[str, Any] = {
         "model": model_name,
         "tinyvlm": _version(),
         "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
-                     "device": str(vlm.device), "threads": _threads()},
+                     "device": str(vlm.device), "threads": _threads(),
+                     "quantize": None if vlm.config.quantization is None else vlm.config.quantization.mode},
         "tasks": {},
     }
     for task in chosen:
@@ -140,16 +148,19 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
-def _open(model: Any, device: str | None) -> tuple[Any, str]:
+def _open(model: Any, device: str | None, quantize: str | None) -> tuple[Any, str]:
     """The VLM to evaluate and the name the results give it."""
     if isinstance(model, (str, Path)):
         from tinyvlm.devices import check_device, default_device
         from tinyvlm.vlm.building import open_vlm
 
-        vlm = open_vlm(str(model), device=check_device(device) or default_device())
+        vlm = open_vlm(str(model), device=check_device(device) or default_device(), quantize=quantize)
         return vlm.prepare_for_inference(), str(model)
     if device is not None:
         raise ConfigError("device applies to a model given by name; move a loaded VLM with .to(device) first")
+    if quantize is not None:
+        raise ConfigError("quantize applies to a model given by name; quantize a loaded VLM with "
+                          "tinyvlm.quantize.quantize_model(vlm, mode) first")
     from tinyvlm.vlm.model import VLM
 
     if not isinstance(model, VLM):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from tinyvlm.config import Options
+from tinyvlm.config import RuntimeOptions
 
 MIB = 2**20
 
 
-class ServeConfig(Options):
-    """Where the server listens, how it batches, and the limits it answers with 429 / 413 / 400."""
+class ServeConfig(RuntimeOptions):
+    """Where the server listens, how it batches, and the limits it answers with 429 / 413 / 400; how its
+    model runs (`RuntimeOptions`: ``quantize``, ``threads``)."""
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")

@@ -12,19 +12,19 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tinyvlm.config import Options
+from tinyvlm.config import RuntimeOptions
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_PARTS, TARGETS, LoraSettings, parse_names
 
 PARTS = ("encoder", "projector", "decoder")
 #: Fields that may change when resuming without changing the trajectory.
 RESUMABLE_CHANGES = {"resume", "workers", "prefetch_factor", "progress", "device", "log_every",
-                     "activation_checkpointing", "report_to", "project"}
+                     "activation_checkpointing", "report_to", "project", "threads"}
 #: ``report_to`` names: the experiment trackers a run can log to (`tinyvlm.training.tracking`).
 TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
-class TrainConfig(Options):
+class TrainConfig(RuntimeOptions):
     """The options of a training run. None means "the model's training default" (`TrainingDefaults`:
     nanoVLM's unless a recipe says otherwise) where a description says so."""
 

@@ -43,6 +43,7 @@ from tinyvlm.training.checkpoints import (
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
+from tinyvlm.threads import ThreadTuner, set_threads
 from tinyvlm.training.inputs import Held, open_data, prepare_data
 from tinyvlm.training.plot import curves_after_run
 from tinyvlm.training.progress import MetricsLog, Progress
@@ -73,22 +74,31 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: flo
 
 
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
-    """The VLM to train, in float32 (the optimizer's master weights), on ``device``, in the training layout."""
+    """The VLM to train, in float32 (the optimizer's master weights), on ``device``, in the training layout;
+    its decoder quantized with ``config.quantize`` (QLoRA: the quantized weights stay frozen)."""
     from tinyvlm.vlm.building import build_vlm, open_vlm
 
     torch.manual_seed(config.seed)  # random-init parts are the same in every process and every resume
-    if config.encoder is not None:
-        return build_vlm(
-            config.encoder, config.decoder, config.projector,
-            pretrained=config.pretrained, dtype=torch.float32, device=device,
-        )
     lora = config.lora_settings
-    if lora is None:
-        return open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device)
-    from tinyvlm.lora.adapter import add_lora, rebuildable_base
+    if lora is not None:
+        from tinyvlm.lora.adapter import add_lora, rebuildable_base
 
-    base, revision = rebuildable_base(config.model, pretrained=config.pretrained, full_parts=config.parts)
-    vlm = open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device)
+        base, revision = rebuildable_base(config.model, pretrained=config.pretrained, full_parts=config.parts)
+    if config.encoder is not None:
+        vlm = build_vlm(
+            config.encoder, config.decoder, config.projector,
+            pretrained=config.pretrained, dtype=torch.float32, device=device, quantize=config.quantize,
+        )
+    else:
+        vlm = open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device,
+                       quantize=config.quantize)
+    if vlm.config.quantization is not None and "decoder" in config.parts:
+        raise ConfigError(
+            f"the decoder is quantized ({vlm.config.quantization.mode}), so its weights cannot be trained in full: "
+            "train LoRA adapters on it (--lora RANK, lora_parts decoder), or train from the unquantized model"
+        )
+    if lora is None:
+        return vlm
     return add_lora(vlm, lora, full_parts=config.parts, base_name=base, base_revision=revision)
 
 
@@ -223,6 +233,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 
 def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStack) -> TrainResult:
+    set_threads(config.threads)
     output = config.output
     existing = checkpoint_dirs(output)
     if config.resume and not existing:
@@ -302,6 +313,9 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         counts = data.batches.state_at(step)["counts"]
         return {"too_long": too_long, "filtered_rows": counts["filtered_rows"], "dropped_turns": counts["dropped_turns"]}
 
+    # one process on the CPU: each step runs at all threads or one, whichever is faster now (tinyvlm.threads)
+    tuned = processes.device.type == "cpu" and processes.world_size == 1
+    step_threads = ThreadTuner().step if tuned else (lambda tokens: contextlib.nullcontext())
     filler = filler_batch(processor).to(processes.device) if processes.world_size > 1 else None
     batches = loader(data.batches.iterate(start, max_steps))
     progress.began = time.perf_counter()
@@ -322,19 +336,20 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         ])
         too_long += int(skipped)
         loss_sum = torch.zeros((), dtype=torch.float64, device=processes.device)
-        # A micro-batch whose samples were all skipped is left out in one process (no all-reduce to take part in)
-        ran = [j for j, batch in enumerate(micro) if batch is not None or filler is not None]
-        for j in ran:
-            batch = micro[j]
-            with strategy.gradient_sync(model, j == ran[-1]):
-                with autocast:
-                    # A micro-batch whose samples were all skipped runs the filler with a zero weight, so that
-                    # this process still joins the gradient all-reduce of the others.
-                    summed = summed_loss(model, batch) if batch is not None else summed_loss(model, filler) * 0
-                # DDP and FSDP average gradients over processes: scaled so that the result is the gradient of the
-                # mean over every target token of the step, whatever the split into micro-batches.
-                (summed * (processes.world_size / max(targets, 1))).backward()
-            loss_sum += summed.detach().double()
+        with step_threads(tokens):
+            # A micro-batch whose samples were all skipped is left out in one process (no all-reduce to take part in)
+            ran = [j for j, batch in enumerate(micro) if batch is not None or filler is not None]
+            for j in ran:
+                batch = micro[j]
+                with strategy.gradient_sync(model, j == ran[-1]):
+                    with autocast:
+                        # A micro-batch whose samples were all skipped runs the filler with a zero weight, so that
+                        # this process still joins the gradient all-reduce of the others.
+                        summed = summed_loss(model, batch) if batch is not None else summed_loss(model, filler) * 0
+                    # DDP and FSDP average gradients over processes: scaled so that the result is the gradient of the
+                    # mean over every target token of the step, whatever the split into micro-batches.
+                    (summed * (processes.world_size / max(targets, 1))).backward()
+                loss_sum += summed.detach().double()
         if targets:
             grad_norm = strategy.total_norm(torch.nn.utils.clip_grad_norm_(
                 trainable, settings.grad_clip if settings.grad_clip > 0 else float("inf")
