@@ -97,6 +97,7 @@ class ThreadTuner:
     def _decide(self, *, initial: bool) -> None:
         other = "one" if self.choice == "all" else "all"
         mine, theirs = statistics.median(self.times[self.choice]), statistics.median(self.times[other])
+        self.since_probe = 0
         if theirs < self.margin * mine or (initial and theirs < mine):
             self.choice, self.probe_every = other, self.first_probe_every
         elif not initial:

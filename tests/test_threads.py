@@ -1,0 +1,121 @@
+"""Intra-op threads (tinyvlm.threads): validation and the per-step tuner, on a fake clock (no timed tests:
+the busy-core figures come from ``benchmarks/decode.py --busy``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinyvlm
+from tinyvlm import threads
+from tinyvlm.errors import ConfigError
+from tinyvlm.threads import ThreadTuner, check_threads, set_threads
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_pinned", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_thread_counts_are_validated(bad):
+    with pytest.raises(ConfigError, match=r"threads must be an integer >= 1"):
+        check_threads(bad)
+    with pytest.raises(ConfigError, match=r"threads must be an integer >= 1"):
+        tinyvlm.build_decoder("test-llama", pretrained=False, threads=bad)
+
+
+def test_set_threads_fixes_the_count(restore_threads):
+    set_threads(1)
+    assert torch.get_num_threads() == 1 and threads.pinned()
+    set_threads(None)  # leaves it
+    assert torch.get_num_threads() == 1
+
+
+class FakeClock:
+    """Stands in for ``time`` in `tinyvlm.threads`: a step takes ``cost[threads]`` seconds of its time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _run(tuner: ThreadTuner, clock: FakeClock, steps: int, cost: dict[int, float]) -> list[int]:
+    """Steps that take ``cost[threads]`` (fake) seconds; returns the count each ran at."""
+    seen = []
+    for _ in range(steps):
+        with tuner.step():
+            seen.append(torch.get_num_threads())
+            clock.now += cost[torch.get_num_threads()]
+    return seen
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(threads, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def many(restore_threads) -> int:
+    torch.set_num_threads(2)  # the tuner chooses between torch's count and one; any count >= 2 will do
+    return 2
+
+
+def test_tuner_settles_on_the_faster_count_and_restores_it(many, clock):
+    seen = _run(ThreadTuner(), clock, 40, {many: 4.0, 1: 1.0})  # one thread faster: a busy machine
+    assert torch.get_num_threads() == many  # restored after every step
+    assert seen[:6] == [many, 1] * 3  # warm-up alternates
+    # then one thread, with a probe of two steps at the other count after 16 steps, then 32
+    assert seen[6:22] == [1] * 16 and seen[22:24] == [many] * 2 and seen[24:] == [1] * 16
+    seen = _run(ThreadTuner(), clock, 40, {many: 1.0, 1: 4.0})  # all threads faster: an idle machine
+    assert seen[6:22] == [many] * 16 and seen[22:24] == [1] * 2 and seen[24:] == [many] * 16
+
+
+def test_tuner_follows_a_change_of_load(many, clock):
+    tuner = ThreadTuner()
+    _run(tuner, clock, 30, {many: 1.0, 1: 4.0})
+    assert tuner.choice == "all"
+    seen = _run(tuner, clock, 80, {many: 6.0, 1: 1.0})  # the machine got busy
+    # the next probe (32 steps after the last, which confirmed "all") switches; probing restarts at 16 steps
+    assert seen == [many] * 26 + [1] * 2 + [1] * 16 + [many] * 2 + [1] * 32 + [many] * 2
+    assert tuner.choice == "one"
+
+
+def test_tuner_keeps_its_choice_within_the_margin(many, clock):
+    tuner = ThreadTuner()
+    _run(tuner, clock, 60, {many: 1.0, 1: 0.95})  # one thread 5 % faster: inside the 10 % margin
+    assert tuner.choice == "one"  # the warm-up takes the faster one outright
+    tuner = ThreadTuner()
+    _run(tuner, clock, 6, {many: 1.0, 1: 2.0})
+    seen = _run(tuner, clock, 60, {many: 1.0, 1: 0.95})  # later probes need a 10 % gain to switch
+    assert tuner.choice == "all" and seen.count(1) == 4  # two probes of two steps (after 16, then 32 steps)
+
+
+def test_tuner_divides_by_units(many, clock):
+    tuner = ThreadTuner()
+    for step in range(6):  # all threads ran steps 4x longer but with 8x the tokens: faster per token
+        kind_many = step % 2 == 0
+        with tuner.step(units=8.0 if kind_many else 1.0):
+            clock.now += 4.0 if kind_many else 1.0
+    assert tuner.choice == "all"
+
+
+def test_a_fixed_count_is_never_tuned(restore_threads, clock):
+    set_threads(2)
+    seen = _run(ThreadTuner(), clock, 10, {2: 3.0, 1: 0.0})
+    assert set(seen) == {2}
+
+
+def test_omp_num_threads_fixes_the_count(restore_threads, clock, monkeypatch):
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    seen = _run(ThreadTuner(), clock, 10, {2: 3.0, 1: 0.0})
+    assert set(seen) == {2}
