@@ -7,6 +7,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -23,6 +24,20 @@ def strict_image_decoding() -> None:
     from PIL import ImageFile
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@pytest.fixture(autouse=True)
+def restored_thread_count() -> Iterator[None]:
+    """A test that sets threads (``threads=`` / ``--threads``, which also stop the automatic choice,
+    `tinyvlm.threads`) leaves torch's count and the automatic choice as they were for the next one."""
+    import torch
+
+    from tinyvlm import threads
+
+    count, pinned = torch.get_num_threads(), threads._pinned
+    yield
+    torch.set_num_threads(count)
+    threads._pinned = pinned
 
 
 @pytest.fixture(autouse=True)

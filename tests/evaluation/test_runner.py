@@ -105,7 +105,7 @@ def test_eval_command(shapes: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
         (["--task", "mmstar,chartqa", "--data", "x.parquet"], "one task at a time"),
         (["--task", "mmstar", "--data", "missing.parquet"], "missing.parquet: no such file or folder"),
         (["--task", "exact_match"], "has no default data: give it with --data"),
-        (["--task", "mmstar", "--threads", "0"], "--threads must be at least 1"),
+        (["--task", "mmstar", "--threads", "0"], "--threads 0: must be >= 1"),
     ],
 )
 def test_eval_command_errors_are_one_line(shapes: dict[str, Path], capsys: pytest.CaptureFixture[str],
