@@ -303,3 +303,92 @@ def test_repeated_data_flags_and_their_checks(monkeypatch, capsys):
     assert "expected hf-dataset:ORG/NAME" in capsys.readouterr().err
     assert cli.main([*args[:7], "--data-weights", "0"]) == 1
     assert "data weights must be positive" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --quantize / --threads
+
+
+def _captured_model(command: str, monkeypatch) -> list:
+    """Replace what ``command`` does with its loaded model by recording it (the model as the command built it)."""
+    seen: list = []
+    if command == "generate":
+        from tinyvlm.vlm.model import VLM
+
+        def stream(self, *args, **kwargs):
+            seen.append(self)
+            return iter(())
+
+        monkeypatch.setattr(VLM, "stream", stream)
+    elif command == "eval":
+        from tinyvlm.evaluation import runner
+
+        def run_task(vlm, task, **options):
+            seen.append(vlm)
+            return {"metric": "average", "score": 0.0, "samples": 0, "seconds": 0.0, "seconds_per_100_samples": 0.0,
+                    "metrics": {}}
+
+        monkeypatch.setattr(runner, "run_task", run_task)
+    else:
+        from tinyvlm.serve import app
+
+        monkeypatch.setattr(app, "run", lambda vlm, name, config: seen.append(vlm))
+    return seen
+
+
+COMMANDS = {
+    "generate": ["generate", "--model", "test-vlm", "--prompt", "Hi", "--device", "cpu"],
+    "eval": ["eval", "--model", "test-vlm", "--task", "mmstar", "--device", "cpu", "--no-progress"],
+    "serve": ["serve", "--model", "test-vlm", "--device", "cpu"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_and_threads_reach_the_model(command, mode, monkeypatch):
+    import torch
+
+    from tinyvlm import threads
+    from tinyvlm.quantize import QuantizedLinear
+
+    seen = _captured_model(command, monkeypatch)
+    assert main([*COMMANDS[command], "--quantize", mode, "--threads", "1"]) == 0
+    (vlm,) = seen
+    assert vlm.config.quantization.mode == mode
+    assert isinstance(vlm.decoder.layers[0].self_attn.q_proj, QuantizedLinear)
+    assert vlm.decoder.layers[0].self_attn.q_proj.mode == mode
+    assert torch.get_num_threads() == 1 and threads.pinned()  # fixed: not tuned
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_without_the_flags_the_model_is_float_and_threads_automatic(command, monkeypatch):
+    from torch import nn
+
+    from tinyvlm import threads
+
+    seen = _captured_model(command, monkeypatch)
+    assert main(COMMANDS[command]) == 0
+    (vlm,) = seen
+    assert vlm.config.quantization is None and not threads.pinned()
+    assert type(vlm.decoder.layers[0].self_attn.q_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--threads", "0"], "--threads 0: must be >= 1"), (["--quantize", "int3"], "invalid choice: 'int3'")],
+)
+def test_bad_quantize_and_threads_flags(command, flags, message, capsys):
+    try:
+        code = main([*COMMANDS[command], *flags])
+    except SystemExit as exit_info:  # a choice argparse refuses: usage error
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and message in err
+
+
+def test_train_has_quantize_and_threads_flags():
+    from tinyvlm.cli import build_parser
+
+    args = build_parser("train").parse_args(["train", "--data", "d.jsonl", "--output", "o", "--quantize", "int4",
+                                             "--threads", "2"])
+    assert args.quantize == "int4" and args.threads == 2
