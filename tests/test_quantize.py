@@ -380,3 +380,22 @@ def test_quantization_config_validates():
         QuantizationConfig(mode="int8", embedding="int8", group_size=32)
     with pytest.raises(ConfigError, match=r"int4 needs group_size 32, 64, 128 or 256"):
         QuantizationConfig(mode="int4", embedding="int8", group_size=48)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_input_gradient_is_dy_times_the_dequantized_weight(mode, prepared):
+    """The kernels have no derivative: `FrozenProduct` gives ``dx = dy W`` (W dequantized), the weights none."""
+    g = torch.Generator().manual_seed(0)
+    layer = QuantizedLinear(96, 64, mode, 32 if mode == "int4" else None)
+    layer.quantize_rows(0, torch.randn(64, 96, generator=g))
+    if prepared:
+        layer.prepare_for_inference()
+    x = torch.randn(2, 3, 96, generator=g, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))  # the same kernel with and without autograd
+    dy = torch.randn(out.shape, generator=g)
+    out.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ layer.dequantize(), rtol=1e-5, atol=1e-5)
+    assert all(not b.requires_grad for b in layer.buffers())

@@ -308,8 +308,18 @@ class QuantizedMatrix(nn.Module):
         return rows.view(*ids.shape, self.cols)
 
     def matmul(self, x: Tensor) -> Tensor:
-        """``x @ W.T`` for ``x [..., cols]``, in ``x``'s dtype (through the bf16 kernels)."""
+        """``x @ W.T`` for ``x [..., cols]``, in ``x``'s dtype (through the bf16 kernels). Differentiable in
+        ``x`` (the weights are frozen): the gradient is ``dy @ W`` with ``W`` dequantized (`FrozenProduct`), so
+        that adapters and earlier parts train through a quantized decoder (QLoRA)."""
         flat = x.reshape(-1, self.cols)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            out = FrozenProduct.apply(flat, self)
+        else:
+            out = self._product(flat)
+        return out.view(*x.shape[:-1], self.rows)
+
+    def _product(self, flat: Tensor) -> Tensor:
+        """``flat [n, cols] @ W.T`` by the kernel of this layout, in ``flat``'s dtype (no autograd)."""
         if self.mode == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.weight_scale)
         elif self.layout == "tiled-cpu":
@@ -320,7 +330,7 @@ class QuantizedMatrix(nn.Module):
             out = torch.ops.aten._weight_int4pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.group_size, self.weight_scale_zero)
         else:  # int4 before prepare_for_inference: dequantize on the fly
             out = F.linear(flat.float(), self.dequantize())
-        return out.to(x.dtype).view(*x.shape[:-1], self.rows)
+        return out.to(flat.dtype)
 
     # ------------------------------------------------------------------------------------------- layouts
 
@@ -360,6 +370,20 @@ class QuantizedMatrix(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
         self.to_plain()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class FrozenProduct(torch.autograd.Function):
+    """``x @ W.T`` of a `QuantizedMatrix` by its kernel (which has no derivative), with the input gradient
+    ``dy @ W`` from the dequantized weight; the quantized weights get none (they are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, matrix: QuantizedMatrix) -> Tensor:  # type: ignore[override]
+        ctx.matrix = matrix
+        return matrix._product(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad @ ctx.matrix.dequantize().to(grad.dtype), None
 
 
 class QuantizedLinear(QuantizedMatrix):

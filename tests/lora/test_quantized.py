@@ -1,6 +1,7 @@
 """QLoRA composition (`tinyvlm.lora.quantized`): LoRA on a base whose linears are weight-only quantized layers
 (not ``nn.Linear``). The quantized layer here is a stand-in with the interface of one (int8 weights with
-per-output-channel scales, ``in_features`` / ``out_features``); the adapter trains, saves and loads on it."""
+per-output-channel scales, ``in_features`` / ``out_features``); the adapter trains, saves and loads on it.
+The last tests run the same on tinyvlm's own int8 / int4 (`tinyvlm.quantize`), through ``tinyvlm train``."""
 
 from __future__ import annotations
 
@@ -166,3 +167,58 @@ def test_gradients_through_the_quantized_base_equal_those_of_its_dequantized_wei
     assert grads[0][first].abs().max() > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------ on tinyvlm's own quantization
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tinyvlm.demo import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), count=24, seed=1)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qlora_command_on_a_quantized_base(mode: str, base: Path, shapes: Path, tmp_path: Path) -> None:
+    """``tinyvlm train --model X --lora R --quantize MODE``: the decoder is quantized as it is read, the adapter
+    (and the projector) train through it, the loss falls, and the adapter loads back on the quantized base."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tinyvlm.cli import main
+    from tinyvlm.lora.quantized import QuantLoraLinear
+    from tinyvlm.quantize import QuantizedLinear
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(base), "--data", str(shapes), "--output", str(run), "--lora", "8",
+                 "--quantize", mode, "--max-steps", "12", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-2",
+                 "--log-every", "1", "--checkpoint-every", "0", "--eval-samples", "0", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_B.weight"))
+
+    plain = tinyvlm.load_vlm(base, quantize=mode)
+    adapted = tinyvlm.load_vlm(base, adapter=run / "adapter", quantize=mode)
+    layer = adapted.decoder.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLoraLinear) and isinstance(layer.get_base_layer(), QuantizedLinear)
+    assert layer.get_base_layer().mode == mode and adapted.config.quantization.mode == mode
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(adapted(ids).logits, plain(ids).logits)  # the trained adapter applies
+        again = tinyvlm.load_vlm(base, adapter=run / "adapter", quantize=mode)
+        assert torch.equal(again(ids).logits, adapted(ids).logits)
+
+
+def test_projector_trains_on_a_quantized_decoder(base: Path, shapes: Path, tmp_path: Path) -> None:
+    """Without LoRA, the default parts (the projector) train through a quantized, frozen decoder."""
+    result = tinyvlm.train(model=str(base), data=shapes, output=tmp_path / "run", quantize="int8", max_steps=2,
+                           batch_size=4, grad_accum=1, checkpoint_every=0, eval_samples=0, progress=False)
+    trained = tinyvlm.load_vlm(result.model_dir)
+    original = tinyvlm.load_vlm(base)
+    assert trained.config.quantization.mode == "int8"
+    changed = [not torch.equal(p, original.projector.get_parameter(n)) for n, p in trained.projector.named_parameters()]
+    assert any(changed)
