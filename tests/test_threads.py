@@ -119,3 +119,13 @@ def test_omp_num_threads_fixes_the_count(restore_threads, clock, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     seen = _run(ThreadTuner(), clock, 10, {2: 3.0, 1: 0.0})
     assert set(seen) == {2}
+
+
+def test_a_step_can_set_its_size_inside(many, clock):
+    tuner = ThreadTuner()
+    for step in range(6):  # as test_tuner_divides_by_units, the size known only inside the step
+        with tuner.step() as size:
+            all_threads = step % 2 == 0
+            size.units = 8.0 if all_threads else 1.0
+            clock.now += 4.0 if all_threads else 1.0
+    assert tuner.choice == "all"

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 from tinyvlm.errors import ConfigError
@@ -49,6 +50,14 @@ def set_threads(threads: int | None) -> None:
 def pinned() -> bool:
     """Whether the user fixed the thread count (``threads=`` / ``--threads`` / ``OMP_NUM_THREADS``)."""
     return _pinned is not None or bool(os.environ.get("OMP_NUM_THREADS"))
+
+
+@dataclass
+class StepSize:
+    """The size of a timed step (`ThreadTuner.step` divides its time by it): tokens, or 1 for "a step". A step
+    that learns its size only while it runs (a training step that loads its batches) sets ``units`` inside."""
+
+    units: float = 1.0
 
 
 class ThreadTuner:
@@ -104,23 +113,24 @@ class ThreadTuner:
             self.probe_every = min(2 * self.probe_every, self.max_probe_every)
 
     @contextmanager
-    def step(self, units: float = 1.0) -> Iterator[None]:
-        """Run one step (``units``: its size, e.g. tokens) at the chosen count, timed; the count in force
-        before is restored afterwards."""
+    def step(self, units: float = 1.0) -> Iterator[StepSize]:
+        """Run one step at the chosen count, timed; the count in force before is restored afterwards. The step's
+        size (``units``, e.g. tokens) can also be set inside, on the `StepSize` this yields."""
         import torch
 
+        size = StepSize(units)
         before = torch.get_num_threads()
         if pinned() or before == 1:
-            yield
+            yield size
             return
         kind = self._next()
         if kind == "one":
             torch.set_num_threads(1)
         start = time.perf_counter()
         try:
-            yield
+            yield size
         finally:
             elapsed = time.perf_counter() - start
             if kind == "one":
                 torch.set_num_threads(before)
-        self._record(kind, elapsed / max(units, 1e-9))
+        self._record(kind, elapsed / max(size.units, 1e-9))

@@ -43,7 +43,7 @@ from tinyvlm.training.checkpoints import (
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
-from tinyvlm.threads import ThreadTuner, set_threads
+from tinyvlm.threads import StepSize, ThreadTuner, set_threads
 from tinyvlm.training.inputs import Held, open_data, prepare_data
 from tinyvlm.training.plot import curves_after_run
 from tinyvlm.training.progress import MetricsLog, Progress
@@ -313,9 +313,10 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         counts = data.batches.state_at(step)["counts"]
         return {"too_long": too_long, "filtered_rows": counts["filtered_rows"], "dropped_turns": counts["dropped_turns"]}
 
-    # one process on the CPU: each step runs at all threads or one, whichever is faster now (tinyvlm.threads)
+    # One process on the CPU: each whole step (loading, forward, backward, optimizer: the optimizer's many small
+    # per-tensor ops are parallel regions too) runs at all threads or one, whichever is faster now (tinyvlm.threads).
     tuned = processes.device.type == "cpu" and processes.world_size == 1
-    step_threads = ThreadTuner().step if tuned else (lambda tokens: contextlib.nullcontext())
+    step_threads = ThreadTuner().step if tuned else (lambda: contextlib.nullcontext(StepSize()))
     filler = filler_batch(processor).to(processes.device) if processes.world_size > 1 else None
     batches = loader(data.batches.iterate(start, max_steps))
     progress.began = time.perf_counter()
@@ -327,16 +328,17 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         factor = lr_factor(step, max_steps=max_steps, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
-        loaded = [next(batches) for _ in range(settings.grad_accum)]
-        micro = [None if m.batch is None else m.batch.to(processes.device) for m in loaded]
-        skipped_where += [where for m in loaded for where in m.skipped][: 3 - len(skipped_where)]
-        real = [b for b in micro if b is not None]
-        targets, tokens, skipped = processes.all_sum([
-            sum(target_count(b) for b in real), sum(b.num_tokens for b in real), sum(len(m.skipped) for m in loaded),
-        ])
-        too_long += int(skipped)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=processes.device)
-        with step_threads(tokens):
+        with step_threads() as step_size:
+            loaded = [next(batches) for _ in range(settings.grad_accum)]
+            micro = [None if m.batch is None else m.batch.to(processes.device) for m in loaded]
+            skipped_where += [where for m in loaded for where in m.skipped][: 3 - len(skipped_where)]
+            real = [b for b in micro if b is not None]
+            targets, tokens, skipped = processes.all_sum([
+                sum(target_count(b) for b in real), sum(b.num_tokens for b in real), sum(len(m.skipped) for m in loaded),
+            ])
+            too_long += int(skipped)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=processes.device)
+            step_size.units = tokens
             # A micro-batch whose samples were all skipped is left out in one process (no all-reduce to take part in)
             ran = [j for j, batch in enumerate(micro) if batch is not None or filler is not None]
             for j in ran:
@@ -350,14 +352,14 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
                     # mean over every target token of the step, whatever the split into micro-batches.
                     (summed * (processes.world_size / max(targets, 1))).backward()
                 loss_sum += summed.detach().double()
-        if targets:
-            grad_norm = strategy.total_norm(torch.nn.utils.clip_grad_norm_(
-                trainable, settings.grad_clip if settings.grad_clip > 0 else float("inf")
-            ))
-            optimizer.step()
-        else:  # every sample of the step was skipped: nothing to learn, the weights stay (in every process)
-            grad_norm = 0.0
-        optimizer.zero_grad(set_to_none=True)
+            if targets:
+                grad_norm = strategy.total_norm(torch.nn.utils.clip_grad_norm_(
+                    trainable, settings.grad_clip if settings.grad_clip > 0 else float("inf")
+                ))
+                optimizer.step()
+            else:  # every sample of the step was skipped: nothing to learn, the weights stay (in every process)
+                grad_norm = 0.0
+            optimizer.zero_grad(set_to_none=True)
         loss = processes.all_sum([float(loss_sum)])[0] / max(targets, 1)
         window_tokens += tokens
         window_time += time.perf_counter() - step_began
