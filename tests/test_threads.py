@@ -84,9 +84,18 @@ def test_tuner_follows_a_change_of_load(many, clock):
     _run(tuner, clock, 30, {many: 1.0, 1: 4.0})
     assert tuner.choice == "all"
     seen = _run(tuner, clock, 80, {many: 6.0, 1: 1.0})  # the machine got busy
-    # the next probe (32 steps after the last, which confirmed "all") switches; probing restarts at 16 steps
-    assert seen == [many] * 26 + [1] * 2 + [1] * 16 + [many] * 2 + [1] * 32 + [many] * 2
+    # three steps in a row 1.5x slower than the median start the warm-up over (not waiting 32 steps for the next
+    # probe), which picks one thread; probing restarts at 16 steps
+    assert seen == [many] * 3 + [many, 1] * 3 + [1] * 16 + [many] * 2 + [1] * 32 + [many] * 2 + [1] * 19
     assert tuner.choice == "one"
+
+
+def test_tuner_ignores_a_slow_step_or_two(many, clock):
+    tuner = ThreadTuner()
+    _run(tuner, clock, 10, {many: 1.0, 1: 4.0})
+    seen = _run(tuner, clock, 2, {many: 6.0, 1: 4.0})  # two slow steps (a hiccup), then back to normal
+    seen += _run(tuner, clock, 10, {many: 1.0, 1: 4.0})
+    assert seen == [many] * 12 and tuner.choice == "all" and tuner.steps == 22  # no warm-up again
 
 
 def test_tuner_keeps_its_choice_within_the_margin(many, clock):

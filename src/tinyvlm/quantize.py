@@ -268,10 +268,11 @@ class QuantizedMatrix(nn.Module):
             self.weight[start:stop] = packed
             self.weight_scale_zero[:, start:stop] = scale_zero
 
-    @classmethod
-    def from_float(cls, weight: Tensor, mode: str, group_size: int | None) -> "QuantizedMatrix":
-        """Quantize a float matrix, a block of rows at a time (on its device)."""
-        module = cls(*weight.shape, mode, group_size, device=weight.device)
+    @staticmethod
+    def from_float(weight: Tensor, mode: str, group_size: int | None) -> "QuantizedMatrix":
+        """Quantize a float ``[rows, cols]`` matrix into a `QuantizedMatrix`, a block of rows at a time (on its
+        device)."""
+        module = QuantizedMatrix(*weight.shape, mode, group_size, device=weight.device)
         step = block_rows(weight.shape[1])
         for start in range(0, weight.shape[0], step):
             module.quantize_rows(start, weight[start : start + step])

@@ -68,19 +68,26 @@ class ThreadTuner:
     unit (token) over its last ``window`` steps runs, and the other is tried again for two steps after
     ``probe_every`` steps. A probe that confirms the choice doubles that interval (up to ``max_probe_every``);
     a probe faster by ``margin`` switches. Time spent probing the slower count is the price: a few percent.
+    When the load changes under the chosen count (``patience`` steps in a row more than ``slowdown`` times
+    its median: another process took a core), what was measured is stale: the tuner starts over with the
+    warm-up, instead of waiting for its next probe (up to ``max_probe_every`` steps away).
     """
 
     def __init__(
-        self, *, warmup: int = 3, window: int = 5, probe_every: int = 16, max_probe_every: int = 256, margin: float = 0.9
+        self, *, warmup: int = 3, window: int = 5, probe_every: int = 16, max_probe_every: int = 256, margin: float = 0.9,
+        slowdown: float = 1.5, patience: int = 3,
     ) -> None:
-        self.warmup, self.margin = warmup, margin
+        self.warmup, self.margin, self.slowdown, self.patience = warmup, margin, slowdown, patience
         self.first_probe_every, self.max_probe_every = probe_every, max_probe_every
-        self.probe_every = probe_every
         self.times: dict[str, deque[float]] = {"all": deque(maxlen=window), "one": deque(maxlen=window)}
-        self.steps = 0
         self.choice = "all"
-        self.probe_left = 0
-        self.since_probe = 0
+        self._start_over()
+
+    def _start_over(self) -> None:
+        for times in self.times.values():
+            times.clear()
+        self.steps = self.probe_left = self.since_probe = self.slow_steps = 0
+        self.probe_every = self.first_probe_every
 
     def _next(self) -> str:
         if self.steps < 2 * self.warmup:
@@ -90,6 +97,14 @@ class ThreadTuner:
         return self.choice
 
     def _record(self, kind: str, seconds: float) -> None:
+        settled = self.steps >= 2 * self.warmup and not self.probe_left and kind == self.choice
+        if settled and self.times[kind] and seconds > self.slowdown * statistics.median(self.times[kind]):
+            self.slow_steps += 1
+            if self.slow_steps >= self.patience:  # the load changed: measure both counts afresh
+                self._start_over()
+                return
+        else:
+            self.slow_steps = 0
         self.times[kind].append(seconds)
         self.steps += 1
         if self.steps == 2 * self.warmup:
