@@ -53,12 +53,8 @@ def test_answers_are_in_the_pixels(tmp_path: Path) -> None:
 
 
 def test_short_demo_beats_chance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CI runs two test processes on two cores
-    try:
-        assert main(["demo", "--steps", "400", "--output", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(["demo", "--steps", "400", "--output", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == 1  # the demo's fixed count (conftest restores the count after each test)
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("held-out exact match"))
     accuracy = float(line.split(":")[1].split("%")[0]) / 100
@@ -105,3 +101,15 @@ def test_demo_folder_is_kept_and_picked_up_where_it_stopped(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "is not empty and holds no demo run" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_demo_thread_count_is_fixed_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tinyvlm import threads
+
+    assert main(["demo", "--steps", "2", "--output", str(tmp_path / "a"), "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2 and threads.pinned()  # fixed, not tuned per step
+    capsys.readouterr()
+    assert main(["demo", "--steps", "2", "--output", str(tmp_path / "b"), "--threads", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "threads must be an integer >= 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()  # refused before any work

@@ -522,13 +522,16 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
                       "with the same settings is picked up where it stopped (default: ./tinyvlm-demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace the demo in --output (its data, init "
                       "and run) instead of refusing other settings or a folder that holds something else")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads, fixed for the whole run "
+                      "(default 1: the published figure, on any machine and load; another count is another model)")
     demo.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tinyvlm.demo import DEFAULT_OUTPUT, run_demo
+    from tinyvlm.demo import DEFAULT_OUTPUT, THREADS, run_demo
 
-    run_demo(steps=args.steps, seed=args.seed, output=args.output or DEFAULT_OUTPUT, overwrite=args.overwrite)
+    run_demo(steps=args.steps, seed=args.seed, output=args.output or DEFAULT_OUTPUT, overwrite=args.overwrite,
+             threads=THREADS if args.threads is None else args.threads)
     return 0
 
 

@@ -104,6 +104,8 @@ BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 VOCAB_SIZE = 512  # enough merges for every answer word to be one token
 VAL_FRACTION = 0.05
+#: One thread: the figure is the same on every machine and load (a 0.2M-parameter model gains little from more).
+THREADS = 1
 
 
 def question_kind(question: str) -> str:
@@ -154,7 +156,7 @@ SETTINGS, PARTS = "demo.json", ("data", "init", "run")
 
 def run_demo(
     *, steps: int | None = None, seed: int = 0, output: str | Path = DEFAULT_OUTPUT, images: int = IMAGES,
-    show: int = 6, progress: bool = True, overwrite: bool = False,
+    show: int = 6, progress: bool = True, overwrite: bool = False, threads: int = THREADS,
 ) -> DemoResult:
     """Draw the data, train, evaluate on the held-out images, print the figures and a few answers; everything
     stays in ``output`` (``data/``, ``init/`` the untrained model, ``run/`` the training run, ``demo.json``).
@@ -162,9 +164,14 @@ def run_demo(
     An ``output`` that already holds a demo with the same settings is picked up where it stopped: its data is
     not drawn again, a finished run is only evaluated, an interrupted one resumes from its last checkpoint.
     One with other settings, or a folder that is not empty and holds no demo, is refused before any work,
-    unless ``overwrite`` (which replaces the demo's own entries, nothing else)."""
-    from tinyvlm.errors import ConfigError
+    unless ``overwrite`` (which replaces the demo's own entries, nothing else).
 
+    ``threads`` is fixed (not tuned per step as ``train`` does by default): another count sums the products in
+    another order, which after the demo's steps is another model, and the demo's figure is published."""
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.threads import check_threads
+
+    check_threads(threads)  # before any work
     folder = Path(output)
     settings = {"images": images, "steps": steps or STEPS, "seed": seed}
     marker = folder / SETTINGS
@@ -183,15 +190,17 @@ def run_demo(
                           "--overwrite to write the demo's data/, init/ and run/ into it)")
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(settings) + "\n")
-    return _run(folder, settings["steps"], seed, images, show, progress)
+    return _run(folder, settings["steps"], seed, images, show, progress, threads)
 
 
-def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool) -> DemoResult:
+def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool, threads: int) -> DemoResult:
     from tinyvlm.data import read_records, split_records
     from tinyvlm.training.checkpoints import checkpoint_dirs
+    from tinyvlm.threads import set_threads
     from tinyvlm.training.loop import FINAL, normalize_answer, train
     from tinyvlm.vlm.building import load_vlm
 
+    set_threads(threads)
     began = time.perf_counter()
     say = lambda text: print(text, flush=True)  # noqa: E731
     data = folder / "data" / "data.jsonl"  # written last: its presence means the drawing finished
@@ -224,7 +233,7 @@ def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: b
             model=f"local-dir:{folder / 'init'}", data=data, output=run, train="all", max_steps=steps,
             batch_size=BATCH_SIZE, grad_accum=1, lr=LEARNING_RATE, warmup_steps=steps // 20, weight_decay=0.0,
             val_fraction=VAL_FRACTION, eval_samples=0, checkpoint_every=max(1, steps // 4), seed=seed, device="cpu",
-            progress=progress, log_every=max(1, steps // 20), resume=resume,
+            progress=progress, log_every=max(1, steps // 20), resume=resume, threads=threads,
         ).model_dir
     model = load_vlm(f"local-dir:{model_dir}")
     _, held_out = split_records(records, VAL_FRACTION, seed)  # the split train() used
