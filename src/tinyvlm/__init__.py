@@ -6,10 +6,10 @@ imported on first use (PEP 562 module ``__getattr__``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tinyvlm.errors import ConfigError, DataError, HubError, TinyVLMError, UnknownModelError, WeightsError
+from tinyvlm.lazy import lazy_attributes
 from tinyvlm.registry import ModelSpec, get_spec, list_models, register_family, register_model
 
 __version__ = "0.1.0"
@@ -45,12 +45,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tinyvlm' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 if TYPE_CHECKING:

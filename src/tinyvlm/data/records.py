@@ -102,6 +102,13 @@ class Record:
         return list(self.messages[:last])
 
 
+def problems_error(what: str, problems: list[str], advice: str = "") -> DataError:
+    """One `DataError` for many bad records: their count, the first `MAX_REPORTED_PROBLEMS`, what to do."""
+    more = len(problems) - MAX_REPORTED_PROBLEMS
+    shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS]) + (f"; ... and {more} more" if more > 0 else "")
+    return DataError(f"{len(problems)} {what}: {shown}{advice}")
+
+
 def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]:
     """Parse and validate every record of a JSONL file (one object per line) or of a JSON file holding an
     array of objects (LLaVA's ``llava_v1_5_mix665k.json``); raise one `DataError` listing the bad records."""
@@ -128,12 +135,7 @@ def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]
         except DataError as error:
             problems.append(str(error))
     if problems:
-        shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
-        more = len(problems) - MAX_REPORTED_PROBLEMS
-        raise DataError(
-            f"{len(problems)} bad record(s) in {path}: {shown}" + (f"; ... and {more} more" if more > 0 else "")
-            + ". Fix or remove these lines and run again."
-        )
+        raise problems_error(f"bad record(s) in {path}", problems, ". Fix or remove these lines and run again.")
     if not records:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return records
@@ -327,11 +329,7 @@ def encode_records(
         except DataError as error:
             problems.append(str(error))
     if problems:
-        shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
-        more = len(problems) - MAX_REPORTED_PROBLEMS
-        raise DataError(
-            f"{len(problems)} record(s) cannot be used: {shown}" + (f"; ... and {more} more" if more > 0 else "")
-        )
+        raise problems_error("record(s) cannot be used", problems)
     return examples
 
 

@@ -10,21 +10,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__all__ = ["evaluate", "TASKS"]
+from tinyvlm.lazy import lazy_attributes
 
-
-def __getattr__(name: str) -> Any:
-    if name == "evaluate":
-        from tinyvlm.evaluation.runner import evaluate
-
-        return evaluate
-    if name == "TASKS":
-        from tinyvlm.evaluation.tasks import TASKS
-
-        return TASKS
-    raise AttributeError(f"module 'tinyvlm.evaluation' has no attribute {name!r}")
+_LAZY = {"evaluate": "tinyvlm.evaluation.runner", "TASKS": "tinyvlm.evaluation.tasks"}
+__all__ = list(_LAZY)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 if TYPE_CHECKING:
