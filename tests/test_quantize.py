@@ -101,7 +101,7 @@ def test_kernel_products_match_the_dequantized_matrix(mode, tokens):
     expected = x @ matrix.dequantize().t()
     before = matrix.matmul(x)
     matrix.prepare_for_inference()
-    assert matrix.layout == ("tiled-cpu" if mode == "int4" else "plain")
+    assert matrix.layout == ("tiled-cpu" if mode == "int4" else "nibbles-cpu")
     after = matrix.matmul(x)
     for out in (before, after):  # activations pass through bf16 in the kernels
         assert out.shape == (2, tokens, 96) and out.dtype == torch.float32
@@ -110,15 +110,47 @@ def test_kernel_products_match_the_dequantized_matrix(mode, tokens):
     torch.testing.assert_close(matrix.lookup(ids), matrix.dequantize()[ids])
 
 
-def test_prepared_state_dict_is_the_plain_layout():
-    matrix = QuantizedMatrix.from_float(_weights(64, 64, seed=5), "int4", 32)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prepared_state_dict_is_the_plain_layout(mode):
+    matrix = QuantizedMatrix.from_float(_weights(80, 64, seed=5), mode, 32 if mode == "int4" else None)
     plain = {k: v.clone() for k, v in matrix.state_dict().items()}
     matrix.prepare_for_inference()
+    assert matrix.layout != "plain"
     state = matrix.state_dict()
-    assert set(state) == {"weight", "weight_scale_zero"}
+    assert set(state) == ({"weight", "weight_scale_zero"} if mode == "int4" else {"weight", "weight_scale"})
     assert all(torch.equal(state[k], plain[k]) for k in plain)
     matrix.to(torch.float64)  # a move returns to the plain layout first
     assert matrix.layout == "plain" and torch.equal(matrix.weight, plain["weight"])
+    assert set(dict(matrix.named_buffers())) == set(plain)  # the nibbles' scale/zero went with the layout
+
+
+@pytest.mark.parametrize("cols", [64, 96, 576, 640])
+def test_int8_nibbles_product_is_the_int8_product(cols):
+    """The prepared CPU int8 layout (16 h + l through the int4 kernel over [x | x]) computes the same
+    products as the int8 kernel: both equal x . (s w) in fp32 up to the bf16 rounding of the output, and
+    every int8 value, including -127 and 127, is represented exactly."""
+    w = _weights(48, cols, seed=11)
+    w[0, :3] = torch.tensor([-1.0, 1.0, 0.0]) * w.abs().max()  # the extreme codes
+    matrix = QuantizedMatrix.from_float(w, "int8", None)
+    assert {-127, 127} <= set(matrix.weight.unique().tolist())
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(12)).bfloat16().float()
+    exact = x.double() @ (matrix.weight.double() * matrix.weight_scale.double()[:, None]).t()
+    int8_kernel = matrix.matmul(x).double()
+    matrix.prepare_for_inference()
+    assert matrix.layout == "nibbles-cpu" and matrix.weight.dtype == torch.uint8
+    nibbles = matrix.matmul(x).double()
+    bf16_step = exact.abs().max().item() * 2**-8
+    assert (int8_kernel - exact).abs().max() <= bf16_step
+    assert (nibbles - exact).abs().max() <= bf16_step
+    assert torch.equal(matrix.plain_weight(), QuantizedMatrix.from_float(w, "int8", None).weight)
+    ids = torch.tensor([47, 0, 16, 16])
+    assert torch.equal(matrix.lookup(ids), matrix.dequantize()[ids])
+
+
+def test_int8_without_a_nibble_group_keeps_the_int8_kernel():
+    matrix = QuantizedMatrix.from_float(_weights(48, 40, seed=13), "int8", None)  # 40 columns: no group of 32
+    matrix.prepare_for_inference()
+    assert matrix.layout == "plain"
 
 
 # ------------------------------------------------------------------------------------- quantized decoders

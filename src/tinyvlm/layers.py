@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,15 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
 
+    #: gate and up as one product when decoding (`FusedLinears`, made by `fuse_projections`).
+    fused: "FusedLinears | None" = None
+
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.act(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        gate, up = FusedLinears.outputs(self, ("gate_proj", "up_proj"), x)
+        return linear(self.act(gate) * up, self.down_proj)
+
+    def fuse_projections(self) -> None:
+        self.fused = FusedLinears.of(self, ("gate_proj", "up_proj"))
 
 
 class LayerScale(nn.Module):
@@ -245,6 +252,114 @@ def split_linear(x: Tensor, weight: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], out_features)
 
 
+class FusedLinears:
+    """Linear layers of one module that read the same input (q/k/v, gate/up), multiplied as one matrix when
+    decoding: one kernel call instead of several, over a larger matrix (which reads faster, see
+    docs/decoders.md, "Performance").
+
+    `of` (called by `TransformerDecoder.prepare_for_inference`) concatenates the parts' weights into one
+    matrix and makes each part's weight a view of its rows: nothing is stored twice, and the parameters, their
+    names, values and training are unchanged. Parts that cannot share a product with their neighbours (a
+    different kind or quantization mode, a hook, a replacement module such as a LoRA layer) keep their own.
+    `outputs` uses the fused products only without autograd (decoding) and only while every part is still the
+    module, with the storage, it was fused from; anything else (training, a move, a replaced module) takes
+    the parts one by one, which is the same arithmetic.
+    """
+
+    def __init__(self, names: tuple[str, ...], parts: list[nn.Module], groups: list[tuple[Any, list[int]]]) -> None:
+        self.names, self.parts, self.groups = names, parts, groups
+        self.pointers = [part.weight.data_ptr() for part in parts]
+
+    @staticmethod
+    def of(owner: nn.Module, names: tuple[str, ...]) -> "FusedLinears | None":
+        """Fuse ``owner``'s layers ``names`` (in place, see the class docstring); None when no two can be."""
+        from tinyvlm.quantize import QuantizedLinear, stack_rows
+
+        parts = [getattr(owner, name) for name in names]
+        groups: list[tuple[Any, list[int]]] = []
+        run: list[nn.Module] = []
+
+        def close() -> None:
+            if run:
+                stacked = (stack_rows if isinstance(run[0], QuantizedLinear) else _stack_linears)(run)
+                groups.extend([(part, [part.out_features]) for part in run] if stacked is None else
+                              [(stacked, [part.out_features for part in run])])  # fmt: skip
+                run.clear()
+
+        for part in parts:
+            kind = _fusable_kind(part)
+            if kind is None or (run and _fusable_kind(run[0]) != kind):
+                close()
+            if kind is None:
+                groups.append((part, [part.out_features]))
+            else:
+                run.append(part)
+        close()
+        return FusedLinears(names, parts, groups) if len(groups) < len(parts) else None
+
+    @staticmethod
+    def outputs(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
+        """``[layer(x) for layer in names]``, by ``owner.fused`` when it applies (class docstring)."""
+        fused: FusedLinears | None = getattr(owner, "fused", None)
+        if fused is not None and not torch.is_grad_enabled() and fused.current(owner):
+            out: list[Tensor] = []
+            for product, sizes in fused.groups:
+                y = linear(x, product) if isinstance(product, nn.Linear) else product(x)
+                out.extend(y.split(sizes, dim=-1) if len(sizes) > 1 else (y,))
+            return out
+        return [linear(x, getattr(owner, name)) for name in names]
+
+    def current(self, owner: nn.Module) -> bool:
+        return all(getattr(owner, name) is part for name, part in zip(self.names, self.parts)) and all(
+            part.weight.data_ptr() == pointer for part, pointer in zip(self.parts, self.pointers)
+        )
+
+
+def _fusable_kind(module: nn.Module) -> tuple | None:
+    """What must match for layers to share a product; None for a layer that keeps its own."""
+    from tinyvlm.quantize import QuantizedLinear
+
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if type(module) is nn.Linear:
+        return ("float", module.weight.dtype, module.weight.device, module.in_features, module.bias is None)
+    if type(module) is QuantizedLinear:
+        return ("quantized", module.weight.device, module.cols)
+    return None
+
+
+def _stack_linears(parts: list[nn.Module]) -> nn.Linear:
+    """One ``nn.Linear`` whose rows are the parts' rows (and biases) in order, stored in the layout
+    `TransformerDecoder.prepare_for_inference` picks for its shape; each part's weight (and bias) becomes a
+    view of its rows."""
+    first = parts[0].weight
+    out_features, in_features = sum(p.out_features for p in parts), first.shape[1]
+    stacked = nn.Linear(in_features, out_features, bias=parts[0].bias is not None, device="meta")
+    shape = (out_features, in_features)
+    if decoding_layout_is_column_major(first.device, first.dtype, out_features, in_features):
+        weight = torch.empty(shape[::-1], dtype=first.dtype, device=first.device).t()
+    else:
+        weight = torch.empty(shape, dtype=first.dtype, device=first.device)
+    stacked.weight = nn.Parameter(weight, requires_grad=False)
+    if stacked.bias is not None:
+        stacked.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    start = 0
+    for part in parts:
+        rows = slice(start, start + part.out_features)
+        weight[rows] = part.weight.detach()
+        part.weight.data = weight[rows]
+        if stacked.bias is not None:
+            part.bias.data = stacked.bias.data[rows]
+        start += part.out_features
+    return stacked
+
+
+def decoding_layout_is_column_major(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """Whether a ``[out, in]`` weight is read fastest column-major when decoding: fp32 on CPU with ``out >= in``
+    (MKL's one-row product; see `TransformerDecoder.prepare_for_inference`)."""
+    return device.type == "cpu" and dtype == torch.float32 and out_features >= in_features
+
+
 class SelfAttention(nn.Module):
     """Bidirectional multi-head self-attention of the vision encoders: q, k, v and o projections with biases
     (none on k when ``key_bias`` is False, as DINOv3), and optionally RoPE on q and k."""
@@ -311,9 +426,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         """``x [B, T, D]``; ``mask``: boolean ``[B|1, 1, T, S]`` of allowed keys (None: all ``S`` allowed)."""
         B, T, _ = x.shape
-        q = linear(x, self.q_proj).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = linear(x, self.k_proj).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = linear(x, self.v_proj).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = FusedLinears.outputs(self, ("q_proj", "k_proj", "v_proj"), x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -327,6 +443,12 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    #: q, k and v as one product when decoding (`FusedLinears`, made by `fuse_projections`).
+    fused: "FusedLinears | None" = None
+
+    def fuse_projections(self) -> None:
+        self.fused = FusedLinears.of(self, ("q_proj", "k_proj", "v_proj"))
 
 
 def attend_one_query(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:

@@ -22,13 +22,19 @@ Layout of a quantized matrix ``W [rows, cols]`` (a weight ``[out, in]`` or an em
   (``q`` in 0..15; the scale/zero layout is the one the int4 kernels read). Scales and zeros are rounded to
   bf16 *before* the weights are quantized against them, so what is stored is exactly what the kernels use.
 
-Kernels (`QuantizedMatrix.matmul`): ``aten._weight_int8pack_mm`` for int8 (CPU and CUDA);
-``aten._weight_int4pack_mm_for_cpu`` on CPU and ``aten._weight_int4pack_mm`` on CUDA for int4, on the tiled
-layouts ``_convert_weight_to_int4pack[_for_cpu]`` make. Activations enter the kernels in bf16 (their fast
-path: the int8 kernel runs an fp32 input several times slower) and the result is cast back. The tiled int4
-layout is made by `QuantizedMatrix.prepare_for_inference` (which `TransformerDecoder.prepare_for_inference`
-calls); before it, int4 products dequantize on the fly (correct, slow). ``state_dict()`` always returns the
-plain layout above, so saving after preparing writes the documented layout.
+Kernels (`QuantizedMatrix.matmul`): ``aten._weight_int4pack_mm_for_cpu`` on CPU and
+``aten._weight_int4pack_mm`` on CUDA for int4, on the tiled layouts ``_convert_weight_to_int4pack[_for_cpu]``
+make; ``aten._weight_int8pack_mm`` for int8 on CUDA and, before `QuantizedMatrix.prepare_for_inference`, on
+CPU. Prepared on CPU, an int8 matrix is multiplied by the int4 kernel instead ("nibbles"): with
+``u = w + 128 = 16 h + l`` (``h, l`` in 0..15), ``s w = 16 s (h - 8) + (s (l - 8) + 8 s)``, so the row
+``[h | l]`` of ``2 cols`` nibbles, with scale ``16 s`` (zero 0) over the ``h`` groups and scale ``s``
+(zero ``8 s``) over the ``l`` groups, times ``[x | x]`` is ``x . (s w)``, exactly (the kernel dequantizes in
+fp32). Same bytes per weight; the int4 kernel streams them 1.1-1.4x faster than the int8 kernel at batch 1
+(``python benchmarks/kernels.py``). Activations enter the kernels in bf16 (their fast path: the int8
+kernel runs an fp32 input several times slower) and the result is cast back. The tiled layouts are made by
+`QuantizedMatrix.prepare_for_inference` (which `TransformerDecoder.prepare_for_inference` calls); before
+it, int4 products dequantize on the fly (correct, slow). ``state_dict()`` always returns the plain layout
+above, so saving after preparing writes the documented layout.
 
 Quantizing at load (`LoadQuantizer`, used by `tinyvlm.weights.load_checkpoint`): each matrix is read from
 the safetensors file in blocks of rows with plain file reads (no memory map, whose touched pages would stay
@@ -210,6 +216,39 @@ def untile_int4_cpu(tiled: Tensor, rows: Tensor | None = None) -> Tensor:
     return torch.stack(picked).to(tiled.device) if picked else tiled.new_empty(0, half)
 
 
+def nibble_group(cols: int) -> int | None:
+    """The group size of an int8 matrix's nibbles layout (the largest the int4 kernel takes that divides
+    ``cols``), or None when there is none."""
+    return next((group for group in (256, 128, 64, 32) if cols % group == 0), None)
+
+
+def int8_to_nibbles(weight: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, int]:
+    """int8 ``[n, k]`` and its bf16 row scales -> the CPU int4 kernel's tiled ``[n, k]`` bytes of the
+    ``[n, 2k]`` nibble rows ``[h | l]``, their ``[2k / G, n, 2]`` scale/zero, and ``G`` (module docstring).
+    The bytes are written over ``weight``'s own storage, a block of rows at a time: no second copy."""
+    n, k = weight.shape
+    group = nibble_group(k)
+    assert group is not None
+    tiled = weight.view(torch.uint8)
+    for start, stop in _cpu_int4_blocks(n):  # small blocks: large temporaries would stay resident (malloc)
+        offset = weight[start:stop].to(torch.int32) + 128  # the whole block is read before it is overwritten
+        nibbles = torch.cat((offset >> 4, offset & 15), dim=1)
+        tiled[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+    s = scale.float()
+    scale_zero = torch.zeros(2 * k // group, n, 2)
+    scale_zero[: k // group, :, 0] = 16 * s  # a power of two times a bf16 value: still exact in bf16
+    scale_zero[k // group :, :, 0] = s
+    scale_zero[k // group :, :, 1] = 8 * s
+    return tiled, scale_zero.to(KERNEL_DTYPE), group
+
+
+def nibbles_to_int8(tiled: Tensor, rows: Tensor | None = None) -> Tensor:
+    """The inverse of `int8_to_nibbles`' weight: int8 ``[n, k]`` (or only ``rows``)."""
+    nibbles = unpack_int4(untile_int4_cpu(tiled, rows)).to(torch.int16)
+    k = nibbles.shape[1] // 2
+    return (16 * nibbles[:, :k] + nibbles[:, k:] - 128).to(torch.int8)
+
+
 def _cuda_int4_tiles(cols: int) -> int:
     """``innerKTiles`` for the CUDA int4 kernel: the largest of 8, 4, 2 with ``cols % (16 * tiles) == 0``."""
     for tiles in (8, 4, 2):
@@ -225,9 +264,10 @@ class QuantizedMatrix(nn.Module):
     """A ``[rows, cols]`` matrix stored in int8 or int4 (layout in the module docstring), with its product
     ``x @ W.T`` (`matmul`) and row lookup (`lookup`).
 
-    ``layout`` is ``"plain"`` (the documented one, what ``state_dict`` returns) or, for int4 after
-    `prepare_for_inference`, the kernel's ``"tiled-cpu"`` / ``"tiled-cuda"``. Moving the module (``.to``)
-    returns it to the plain layout first.
+    ``layout`` is ``"plain"`` (the documented one, what ``state_dict`` returns) or, after
+    `prepare_for_inference`, the kernel's: ``"tiled-cpu"`` / ``"tiled-cuda"`` for int4, ``"nibbles-cpu"`` for
+    int8 on CPU (module docstring; its scale/zero is the non-persistent ``nibble_scale_zero``). Moving the
+    module (``.to``) returns it to the plain layout first.
     """
 
     #: The loader never casts these tensors to the model's dtype (scales stay bf16, see `tinyvlm.weights`).
@@ -284,6 +324,8 @@ class QuantizedMatrix(nn.Module):
         """The stored weight in the plain layout (a new tensor when tiled)."""
         if self.layout == "tiled-cpu":
             return untile_int4_cpu(self.weight)
+        if self.layout == "nibbles-cpu":
+            return nibbles_to_int8(self.weight)
         if self.layout == "tiled-cuda":
             assert self._plain is not None
             return self._plain.to(self.weight.device)
@@ -292,14 +334,15 @@ class QuantizedMatrix(nn.Module):
     def dequantize(self) -> Tensor:
         """The float32 matrix the quantized one stands for."""
         if self.mode == "int8":
-            return self.weight.float() * self.weight_scale.float()[:, None]
+            return self.plain_weight().float() * self.weight_scale.float()[:, None]
         return dequantize_int4(self.plain_weight(), self.weight_scale_zero, self.group_size)  # type: ignore[arg-type]
 
     def lookup(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` (any shape) of the float32 matrix -> ``[*ids.shape, cols]`` (an embedding lookup)."""
         flat = ids.reshape(-1)
         if self.mode == "int8":
-            rows = self.weight[flat].float() * self.weight_scale[flat].float()[:, None]
+            picked = nibbles_to_int8(self.weight, flat) if self.layout == "nibbles-cpu" else self.weight[flat]
+            rows = picked.float() * self.weight_scale[flat].float()[:, None]
         else:
             if self.layout == "tiled-cpu":
                 packed = untile_int4_cpu(self.weight, flat)
@@ -321,7 +364,12 @@ class QuantizedMatrix(nn.Module):
 
     def _product(self, flat: Tensor) -> Tensor:
         """``flat [n, cols] @ W.T`` by the kernel of this layout, in ``flat``'s dtype (no autograd)."""
-        if self.mode == "int8":
+        if self.layout == "nibbles-cpu":
+            x = flat.to(KERNEL_DTYPE)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                torch.cat((x, x), dim=1), self.weight, self.nibble_group, self.nibble_scale_zero
+            )
+        elif self.mode == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.weight_scale)
         elif self.layout == "tiled-cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -337,8 +385,15 @@ class QuantizedMatrix(nn.Module):
 
     @torch.no_grad()
     def prepare_for_inference(self) -> None:
-        """int4: the kernel's tiled layout for this device (idempotent). int8 needs none."""
-        if self.mode != "int4" or self.layout != "plain" or self.weight.is_meta:
+        """The kernel's layout for this device (idempotent): int4 tiled; int8 on CPU the nibbles layout, when
+        ``cols`` is a multiple of 32 and ``rows`` of 16 (else it keeps the plain layout and the int8 kernel)."""
+        if self.layout != "plain" or self.weight.is_meta:
+            return
+        if self.mode == "int8":
+            if self.weight.device.type == "cpu" and nibble_group(self.cols) and self.rows % 16 == 0:
+                self.weight, scale_zero, self.nibble_group = int8_to_nibbles(self.weight, self.weight_scale)
+                self.register_buffer("nibble_scale_zero", scale_zero, persistent=False)
+                self.layout = "nibbles-cpu"
             return
         if self.weight.device.type == "cpu":
             self.weight = tile_int4_cpu(self.weight)
@@ -355,9 +410,11 @@ class QuantizedMatrix(nn.Module):
         if self.layout != "plain":
             self.weight = self.plain_weight().contiguous()
             self._plain = None
+            self._buffers.pop("nibble_scale_zero", None)
             self.layout = "plain"
 
     _plain: Tensor | None = None
+    nibble_group: int | None = None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         self.to_plain()
@@ -433,6 +490,32 @@ class QuantizedEmbedding(QuantizedMatrix):
             if name in self._buffers:
                 self._buffers[name] = grown._buffers[name]
         self.rows = self.num_embeddings = grown.rows
+
+
+def stack_rows(parts: "list[QuantizedLinear]") -> "QuantizedLinear | None":
+    """One matrix whose rows are the parts' rows in order (its product is their outputs side by side), in
+    their prepared layout, sharing their storage: each part's weight becomes a view of its rows (scales are
+    small and copied). None when they cannot be stacked: different modes, layouts, devices, widths or
+    groups, a bias, the CUDA int4 layout, or, in the tiled CPU layouts, a part before the last whose rows are
+    not whole 64-row tiles (the kernel would read across its edge)."""
+    first = parts[0]
+    same = {(p.mode, p.layout, p.cols, p.group_size, p.nibble_group, p.weight.device) for p in parts}
+    if (
+        len(parts) < 2 or len(same) > 1 or first.layout == "tiled-cuda" or first.weight.is_meta
+        or any(p.bias is not None for p in parts)
+        or (first.layout != "plain" and any(p.rows % CPU_INT4_TILE for p in parts[:-1]))
+    ):  # fmt: skip
+        return None
+    stacked = QuantizedLinear(first.cols, sum(p.rows for p in parts), first.mode, first.group_size, device="meta")
+    stacked.layout, stacked.nibble_group = first.layout, first.nibble_group
+    for name, dim in (("weight", 0), ("weight_scale", 0), ("weight_scale_zero", 1), ("nibble_scale_zero", 1)):
+        if name in first._buffers:
+            stacked.register_buffer(name, torch.cat([p._buffers[name] for p in parts], dim), persistent=name != "nibble_scale_zero")
+    start = 0
+    for part in parts:
+        part.weight = stacked.weight[start : start + part.rows]
+        start += part.rows
+    return stacked
 
 
 def block_rows(cols: int) -> int:

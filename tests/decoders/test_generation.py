@@ -318,9 +318,13 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     state = model.state_dict()
     assert state.keys() == before.keys()
     assert all(torch.equal(state[name], value) for name, value in before.items())
-    q, k = model.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.k_proj.weight
+    attention = model.layers[0].self_attn
+    q, k = attention.q_proj.weight, attention.k_proj.weight
     assert model.embed_tokens.weight.stride(0) == 1 and q.stride(0) == 1  # wide: column-major
-    assert (model.layers[0].mlp.down_proj.weight.stride(1), k.stride(1)) == (1, 1)  # narrow: row-major
+    assert model.layers[0].mlp.down_proj.weight.stride(1) == 1  # narrow: row-major
+    (qkv, sizes), = attention.fused.groups  # q, k, v: one wide matrix; the parts are views of its rows
+    assert sizes == [q.shape[0], k.shape[0], attention.v_proj.weight.shape[0]] and qkv.weight.stride(0) == 1
+    assert k.data_ptr() == qkv.weight[q.shape[0]].data_ptr()
     with torch.no_grad():
         assert rel_err(model(ids).logits, logits) <= 1e-6
     model(ids).logits.logsumexp(-1).mean().backward()
@@ -328,6 +332,41 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     low = model.to(torch.bfloat16)
     low.prepare_for_inference()
     assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major
+
+
+def test_fused_projections_decode_as_the_parts(decoder):
+    """q/k/v and gate/up fused by prepare_for_inference give the logits of the separate products (within
+    float rounding) and the same greedy tokens; a replaced part, a move or autograd takes the parts."""
+    import copy
+
+    model = copy.deepcopy(decoder)
+    ids = ids_of(1, 12)
+    with torch.no_grad():
+        separate = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=12, eos_token_id=[])
+        model.prepare_for_inference()
+        mlp = model.layers[0].mlp
+        assert [sizes for _, sizes in mlp.fused.groups] == [[mlp.gate_proj.out_features, mlp.up_proj.out_features]]
+        assert rel_err(model(ids).logits, separate) <= 1e-6
+        assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=[]), tokens)
+
+        calls = []
+        mlp.up_proj.register_forward_hook(lambda *_: calls.append(1))
+        model(ids)
+        assert calls == []  # fused: the part itself is not called
+        for layer in model.layers:  # replaced (as a wrapper would), here by a hooked copy
+            replacement = copy.deepcopy(layer.mlp.up_proj)
+            replacement.weight.data = replacement.weight.data.clone()
+            layer.mlp.up_proj = replacement
+        assert rel_err(model(ids).logits, separate) <= 1e-6 and len(calls) == 1
+        assert not mlp.fused.current(mlp)
+
+        moved = model.to(torch.float64)  # new storage for every part: the fusions no longer apply
+        assert not moved.layers[0].self_attn.fused.current(moved.layers[0].self_attn)
+        assert rel_err(moved(ids.clone()).logits.float(), separate) <= 1e-6
+    moved.prepare_for_inference()  # fuses again, except the hooked up_proj, which keeps its own product
+    assert moved.layers[0].self_attn.fused.current(moved.layers[0].self_attn)
+    assert moved.layers[0].mlp.fused is None and moved.layers[1].mlp.fused is not None
 
 
 def test_generate_never_changes_the_weights(decoder):

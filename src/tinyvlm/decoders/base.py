@@ -15,7 +15,7 @@ from tinyvlm.config import Config, check_activation
 from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
 from tinyvlm.generation import SamplingConfig, generate_tokens
-from tinyvlm.layers import split_linear
+from tinyvlm.layers import decoding_layout_is_column_major, split_linear
 from tinyvlm.quantize import QuantizedEmbedding, QuantizedMatrix
 from tinyvlm.threads import ThreadTuner
 
@@ -254,21 +254,27 @@ class TransformerDecoder(Decoder):
         (k, v, o, down) faster row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest
         row-major throughout.
 
-        Quantized matrices (`tinyvlm.quantize`) take the layout their kernels read (int4: tiled).
+        Quantized matrices (`tinyvlm.quantize`) take the layout their kernels read (int4 and CPU int8: tiled).
+        Then the products that read the same input, q/k/v and gate/up, are fused into one matrix each
+        (`tinyvlm.layers.FusedLinears`: the parts' weights become views of it).
         """
         head = self.embed_tokens if self.lm_head is None else self.lm_head
+        fusions = [part for layer in self.layers for part in (layer.self_attn, layer.mlp)]
+        fused = {id(layer) for part in fusions if part.fused is not None and part.fused.current(part) for layer in part.fused.parts}
         for module in self.modules():
+            if id(module) in fused:  # already a view of its fused matrix, in that matrix's layout
+                continue
             if isinstance(module, QuantizedMatrix):
                 module.prepare_for_inference()
             elif isinstance(module, nn.Linear) or module is head:
                 weight = module.weight
-                out_features, in_features = weight.shape
-                column_major = (
-                    weight.device.type == "cpu" and weight.dtype == torch.float32 and out_features >= in_features
-                )
+                column_major = decoding_layout_is_column_major(weight.device, weight.dtype, *weight.shape)
                 if weight.is_meta or column_major == (weight.stride(0) == 1):
                     continue
                 weight.data = weight.data.t().contiguous().t() if column_major else weight.data.contiguous()
+        for part in fusions:
+            if part.fused is None or not part.fused.current(part):
+                part.fuse_projections()
         return self
 
     def forward(
