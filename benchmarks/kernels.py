@@ -1,7 +1,7 @@
 """The products of one decoding step, kernel by kernel: how fast each of PyTorch's CPU kernels streams a
 decoder's weights at batch 1, and what that leaves for everything else.
 
-    python benchmarks/kernels.py [--model gemma-3-270m|smollm2-135m] [--threads 2] [--rounds 5]
+    python benchmarks/kernels.py [--model gemma-3-270m|smollm2-135m] [--threads 2] [--rounds 5] [--rows 1 8 ...]
 
 For the model's shapes (every linear layer of every block, each its own matrix so that they are read from
 memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input row is multiplied by:
@@ -10,7 +10,11 @@ memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input r
 * ``int8 kernel``: ``aten._weight_int8pack_mm`` (per-row scales, bf16 input);
 * ``int8 nibbles``: the same int8 values through ``aten._weight_int4pack_mm_for_cpu`` as ``16 h + l``
   (tinyvlm's prepared CPU int8 layout, see tinyvlm/quantize.py);
-* ``int4``: ``aten._weight_int4pack_mm_for_cpu``, group 128.
+* ``int4``: ``aten._weight_int4pack_mm_for_cpu``, group 128;
+* ``int8 dequantized`` (with ``--rows``): the same int8 matrix dequantized a block of rows at a time and
+  multiplied in fp32 (what tinyvlm does from `MANY_ROWS` rows on, ``QuantizedMatrix._dequantized_product``).
+
+``--rows N ...`` times the blocks' products at each number of input rows instead (a prompt of N tokens).
 
 Rounds are interleaved (all weights are made first, about 1.8 GB for Gemma); the best round of each is printed as milliseconds per decoding step (blocks, head,
 both) and GB/s of weight bytes. Random weights: the kernels' speed does not depend on the values.
@@ -24,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tinyvlm.quantize import int8_to_nibbles
+from tinyvlm.quantize import QuantizedMatrix, int8_to_nibbles
 
 SHAPES = {  # (hidden, q width, kv width, intermediate, layers, vocab)
     "gemma-3-270m": (640, 1024, 256, 2048, 18, 262144),
@@ -56,6 +60,11 @@ class Kernel:
         scale = (torch.rand(rows) * 1e-2).to(torch.bfloat16)
         if self.name == "int8 kernel":
             return q, scale
+        if self.name == "int8 dequantized":
+            matrix = QuantizedMatrix(rows, cols, "int8", None)
+            matrix.weight.copy_(q)
+            matrix.weight_scale.copy_(scale)
+            return matrix
         if self.name == "int8 nibbles":
             return int8_to_nibbles(q, scale)
         group = int4_group(cols)
@@ -65,6 +74,8 @@ class Kernel:
     def run(self, x: torch.Tensor, state) -> torch.Tensor:
         if self.name == "fp32":
             return F.linear(x.float(), state)
+        if self.name == "int8 dequantized":
+            return state._dequantized_product(x.float())
         x = x.to(torch.bfloat16)
         if self.name == "int8 kernel":
             return torch.ops.aten._weight_int8pack_mm(x, *state)
@@ -76,6 +87,8 @@ class Kernel:
 
     @staticmethod
     def nbytes(state) -> int:
+        if isinstance(state, QuantizedMatrix):
+            return sum(t.numel() * t.element_size() for t in state.buffers())
         tensors = state if isinstance(state, tuple) else (state,)
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -85,8 +98,11 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), default="gemma-3-270m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rows", type=int, nargs="+", help="time the blocks' products at these numbers of rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.rows:
+        return by_rows(args)
     hidden, *_, vocab = SHAPES[args.model]
     kernels = [Kernel(name) for name in ("fp32", "int8 kernel", "int8 nibbles", "int4")]
     parts = {"blocks": block_shapes(args.model), "head": [(vocab, hidden)]}
@@ -109,6 +125,25 @@ def main() -> None:
         megabytes = (sizes[kernel.name, "blocks"] + sizes[kernel.name, "head"]) / 1e6
         print(f"{kernel.name:14s} {blocks * 1e3:10.2f} {head * 1e3:8.2f} {(blocks + head) * 1e3:9.2f} "
               f"{megabytes:7.0f} {megabytes / 1e3 / (blocks + head):6.1f}")  # fmt: skip
+
+
+def by_rows(args: argparse.Namespace) -> None:
+    kernels = [Kernel(name) for name in ("fp32", "int8 kernel", "int8 dequantized", "int8 nibbles", "int4")]
+    shapes = block_shapes(args.model)
+    states = {k.name: [k.prepare(torch.randn(r, c) * 0.02) for r, c in shapes] for k in kernels}
+    print(f"{args.model}: the blocks' products (all layers) at each number of rows, ms, {args.threads} threads, "
+          f"best of {args.rounds} interleaved rounds")  # fmt: skip
+    print(f"{'rows':>5s} " + " ".join(f"{k.name:>16s}" for k in kernels))
+    for rows in args.rows:
+        inputs = {cols: torch.randn(rows, cols) for _, cols in shapes}
+        best = {k.name: float("inf") for k in kernels}
+        for _ in range(args.rounds):
+            for kernel in kernels:
+                start = time.perf_counter()
+                for (_, cols), state in zip(shapes, states[kernel.name]):
+                    kernel.run(inputs[cols], state)
+                best[kernel.name] = min(best[kernel.name], time.perf_counter() - start)
+        print(f"{rows:5d} " + " ".join(f"{best[k.name] * 1e3:16.2f}" for k in kernels))
 
 
 if __name__ == "__main__":

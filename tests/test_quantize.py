@@ -100,7 +100,7 @@ def test_kernel_products_match_the_dequantized_matrix(mode, tokens):
     x = torch.randn(2, tokens, 64, generator=torch.Generator().manual_seed(4))
     expected = x @ matrix.dequantize().t()
     before = matrix.matmul(x)
-    matrix.prepare_for_inference()
+    matrix.prepare_for_inference(few_rows=True)
     assert matrix.layout == ("tiled-cpu" if mode == "int4" else "nibbles-cpu")
     after = matrix.matmul(x)
     for out in (before, after):  # activations pass through bf16 in the kernels
@@ -114,7 +114,7 @@ def test_kernel_products_match_the_dequantized_matrix(mode, tokens):
 def test_prepared_state_dict_is_the_plain_layout(mode):
     matrix = QuantizedMatrix.from_float(_weights(80, 64, seed=5), mode, 32 if mode == "int4" else None)
     plain = {k: v.clone() for k, v in matrix.state_dict().items()}
-    matrix.prepare_for_inference()
+    matrix.prepare_for_inference(few_rows=True)
     assert matrix.layout != "plain"
     state = matrix.state_dict()
     assert set(state) == ({"weight", "weight_scale_zero"} if mode == "int4" else {"weight", "weight_scale"})
@@ -136,7 +136,7 @@ def test_int8_nibbles_product_is_the_int8_product(cols):
     x = torch.randn(3, cols, generator=torch.Generator().manual_seed(12)).bfloat16().float()
     exact = x.double() @ (matrix.weight.double() * matrix.weight_scale.double()[:, None]).t()
     int8_kernel = matrix.matmul(x).double()
-    matrix.prepare_for_inference()
+    matrix.prepare_for_inference(few_rows=True)
     assert matrix.layout == "nibbles-cpu" and matrix.weight.dtype == torch.uint8
     nibbles = matrix.matmul(x).double()
     bf16_step = exact.abs().max().item() * 2**-8
@@ -149,8 +149,28 @@ def test_int8_nibbles_product_is_the_int8_product(cols):
 
 def test_int8_without_a_nibble_group_keeps_the_int8_kernel():
     matrix = QuantizedMatrix.from_float(_weights(48, 40, seed=13), "int8", None)  # 40 columns: no group of 32
-    matrix.prepare_for_inference()
+    matrix.prepare_for_inference(few_rows=True)
     assert matrix.layout == "plain"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_many_rows_multiply_dequantized_blocks(mode, monkeypatch):
+    """From MANY_ROWS rows on, a plain matrix's product is the fp32 product with the dequantized weight, a
+    block of rows at a time (here blocks of 16 rows, so that several are used): no bf16 rounding."""
+    import tinyvlm.quantize
+
+    monkeypatch.setattr(tinyvlm.quantize, "BLOCK_VALUES", 16 * 64)
+    matrix = QuantizedMatrix.from_float(_weights(80, 64, seed=14), mode, 32 if mode == "int4" else None)
+    x = torch.randn(tinyvlm.quantize.MANY_ROWS, 64, generator=torch.Generator().manual_seed(15))
+    assert rel_err(matrix.matmul(x), x @ matrix.dequantize().t()) < 1e-6
+    if mode == "int8":  # one row: the int8 kernel, bf16 activations (plain int4 always dequantizes)
+        assert rel_err(matrix.matmul(x[:1]), x[:1] @ matrix.dequantize().t()) > 1e-6
+
+
+def test_prepared_decoder_takes_nibbles_for_the_head_only():
+    decoder = quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int8")
+    assert decoder.embed_tokens.layout == "nibbles-cpu"  # the tied head: one row per sequence
+    assert {m.layout for m in decoder.layers.modules() if isinstance(m, QuantizedMatrix)} == {"plain"}
 
 
 # ------------------------------------------------------------------------------------- quantized decoders

@@ -24,17 +24,21 @@ Layout of a quantized matrix ``W [rows, cols]`` (a weight ``[out, in]`` or an em
 
 Kernels (`QuantizedMatrix.matmul`): ``aten._weight_int4pack_mm_for_cpu`` on CPU and
 ``aten._weight_int4pack_mm`` on CUDA for int4, on the tiled layouts ``_convert_weight_to_int4pack[_for_cpu]``
-make; ``aten._weight_int8pack_mm`` for int8 on CUDA and, before `QuantizedMatrix.prepare_for_inference`, on
-CPU. Prepared on CPU, an int8 matrix is multiplied by the int4 kernel instead ("nibbles"): with
-``u = w + 128 = 16 h + l`` (``h, l`` in 0..15), ``s w = 16 s (h - 8) + (s (l - 8) + 8 s)``, so the row
-``[h | l]`` of ``2 cols`` nibbles, with scale ``16 s`` (zero 0) over the ``h`` groups and scale ``s``
-(zero ``8 s``) over the ``l`` groups, times ``[x | x]`` is ``x . (s w)``, exactly (the kernel dequantizes in
-fp32). Same bytes per weight; the int4 kernel streams them 1.1-1.4x faster than the int8 kernel at batch 1
-(``python benchmarks/kernels.py``). Activations enter the kernels in bf16 (their fast path: the int8
-kernel runs an fp32 input several times slower) and the result is cast back. The tiled layouts are made by
-`QuantizedMatrix.prepare_for_inference` (which `TransformerDecoder.prepare_for_inference` calls); before
-it, int4 products dequantize on the fly (correct, slow). ``state_dict()`` always returns the plain layout
-above, so saving after preparing writes the documented layout.
+make; ``aten._weight_int8pack_mm`` for int8. Activations enter the kernels in bf16 (their fast path: the
+int8 kernel runs an fp32 input several times slower) and the result is cast back. These kernels are built
+for few rows: a product of `MANY_ROWS` or more rows (a prompt, a training batch) with a plain-layout matrix
+dequantizes it a block of rows at a time and uses the fp32 GEMM instead.
+
+The LM head, whose products take one row per sequence, is prepared on CPU in int8 as "nibbles", multiplied
+by the int4 kernel: with ``u = w + 128 = 16 h + l`` (``h, l`` in 0..15), ``s w = 16 s (h - 8) + (s (l - 8) +
+8 s)``, so the row ``[h | l]`` of ``2 cols`` 4-bit values, with scale ``16 s`` (zero 0) over the ``h`` groups
+and scale ``s`` (zero ``8 s``) over the ``l`` groups, times ``[x | x]`` is ``x . (s w)``, exactly (the kernel
+dequantizes in fp32). Same bytes per weight; at one row the int4 kernel streams them 1.3-1.4x faster than the
+int8 kernel, at many rows it is slower (``python benchmarks/kernels.py [--rows]``).
+
+The tiled layouts are made by `QuantizedMatrix.prepare_for_inference` (which
+`TransformerDecoder.prepare_for_inference` calls). ``state_dict()`` always returns the plain layout above, so
+saving after preparing writes the documented layout.
 
 Quantizing at load (`LoadQuantizer`, used by `tinyvlm.weights.load_checkpoint`): each matrix is read from
 the safetensors file in blocks of rows with plain file reads (no memory map, whose touched pages would stay
@@ -62,6 +66,11 @@ KERNEL_DTYPE = torch.bfloat16
 BLOCK_VALUES = 1 << 20
 #: The CPU int4 kernel tiles rows in blocks of this many (`_convert_weight_to_int4pack_for_cpu`).
 CPU_INT4_TILE = 64
+#: From this many rows on, a product of a plain int8 matrix dequantizes it a block of rows at a time and uses
+#: the fp32 GEMM: the int8 kernel's time grows with the rows. Gemma-3 270M's blocks, all layers: at 32 rows
+#: kernel 77 ms / dequantized 109 ms, at 64 rows 113 / 114, at 128 rows 213 / 146, at 512 rows 847 / 425
+#: (``python benchmarks/kernels.py --rows 1 8 32 64 128 512``).
+MANY_ROWS = 64
 
 
 def check_quantize(mode: str | None, *, dtype: torch.dtype | None, device: torch.device | None) -> QuantizationConfig | None:
@@ -363,7 +372,11 @@ class QuantizedMatrix(nn.Module):
         return out.view(*x.shape[:-1], self.rows)
 
     def _product(self, flat: Tensor) -> Tensor:
-        """``flat [n, cols] @ W.T`` by the kernel of this layout, in ``flat``'s dtype (no autograd)."""
+        """``flat [n, cols] @ W.T`` by the kernel of this layout, in ``flat``'s dtype (no autograd). Many rows
+        (a prompt, a training batch) in the plain layout are multiplied by blocks of dequantized rows instead:
+        the weight-only kernels are built for few rows (`MANY_ROWS`)."""
+        if self.layout == "plain" and (self.mode == "int4" or flat.shape[0] >= MANY_ROWS):
+            return self._dequantized_product(flat)
         if self.layout == "nibbles-cpu":
             x = flat.to(KERNEL_DTYPE)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -377,20 +390,35 @@ class QuantizedMatrix(nn.Module):
             )
         elif self.layout == "tiled-cuda":
             out = torch.ops.aten._weight_int4pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.group_size, self.weight_scale_zero)
-        else:  # int4 before prepare_for_inference: dequantize on the fly
-            out = F.linear(flat.float(), self.dequantize())
+        return out.to(flat.dtype)
+
+    def _dequantized_product(self, flat: Tensor) -> Tensor:
+        """``flat @ W.T`` in fp32 with ``W`` dequantized a block of rows at a time (bounded temporaries)."""
+        x = flat.float()
+        out = x.new_empty(flat.shape[0], self.rows)
+        step = block_rows(self.cols)
+        for start in range(0, self.rows, step):
+            stop = min(start + step, self.rows)
+            if self.mode == "int8":
+                block = self.weight[start:stop].float() * self.weight_scale[start:stop].float()[:, None]
+            else:
+                block = dequantize_int4(self.weight[start:stop], self.weight_scale_zero[:, start:stop], self.group_size)  # type: ignore[arg-type]
+            out[:, start:stop] = F.linear(x, block)
         return out.to(flat.dtype)
 
     # ------------------------------------------------------------------------------------------- layouts
 
     @torch.no_grad()
-    def prepare_for_inference(self) -> None:
-        """The kernel's layout for this device (idempotent): int4 tiled; int8 on CPU the nibbles layout, when
-        ``cols`` is a multiple of 32 and ``rows`` of 16 (else it keeps the plain layout and the int8 kernel)."""
+    def prepare_for_inference(self, *, few_rows: bool = False) -> None:
+        """The kernel's layout for this device (idempotent): int4 tiled. int8 stays plain, except with
+        ``few_rows`` (products of a few rows only: an LM head, one position per sequence) on CPU, where it
+        takes the nibbles layout when ``cols`` is a multiple of 32 and ``rows`` of 16: the int4 kernel streams
+        it faster at one row, but at many rows it is slower than the int8 kernel, which is slower than
+        dequantized blocks (`MANY_ROWS`; ``benchmarks/kernels.py --rows``)."""
         if self.layout != "plain" or self.weight.is_meta:
             return
         if self.mode == "int8":
-            if self.weight.device.type == "cpu" and nibble_group(self.cols) and self.rows % 16 == 0:
+            if few_rows and self.weight.device.type == "cpu" and nibble_group(self.cols) and self.rows % 16 == 0:
                 self.weight, scale_zero, self.nibble_group = int8_to_nibbles(self.weight, self.weight_scale)
                 self.register_buffer("nibble_scale_zero", scale_zero, persistent=False)
                 self.layout = "nibbles-cpu"

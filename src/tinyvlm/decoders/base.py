@@ -265,7 +265,7 @@ class TransformerDecoder(Decoder):
             if id(module) in fused:  # already a view of its fused matrix, in that matrix's layout
                 continue
             if isinstance(module, QuantizedMatrix):
-                module.prepare_for_inference()
+                module.prepare_for_inference(few_rows=module is head)
             elif isinstance(module, nn.Linear) or module is head:
                 weight = module.weight
                 column_major = decoding_layout_is_column_major(weight.device, weight.dtype, *weight.shape)
