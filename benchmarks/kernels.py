@@ -6,7 +6,8 @@ decoder's weights at batch 1, and what that leaves for everything else.
 For the model's shapes (every linear layer of every block, each its own matrix so that they are read from
 memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input row is multiplied by:
 
-* ``fp32``: ``F.linear`` on fp32 weights (column-major where tinyvlm's decoding layout puts them);
+* ``fp32``: fp32 weights in tinyvlm's decoding layout, multiplied as tinyvlm does (``layers.split_linear``:
+  one row's product spread over the threads);
 * ``int8 kernel``: ``aten._weight_int8pack_mm`` (per-row scales, bf16 input);
 * ``int8 nibbles``: the same int8 values through ``aten._weight_int4pack_mm_for_cpu`` as ``16 h + l``
   (tinyvlm's prepared CPU int8 layout, see tinyvlm/quantize.py);
@@ -26,8 +27,8 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
+from tinyvlm.layers import split_linear
 from tinyvlm.quantize import QuantizedMatrix, int8_to_nibbles
 
 SHAPES = {  # (hidden, q width, kv width, intermediate, layers, vocab)
@@ -73,7 +74,7 @@ class Kernel:
 
     def run(self, x: torch.Tensor, state) -> torch.Tensor:
         if self.name == "fp32":
-            return F.linear(x.float(), state)
+            return split_linear(x.float(), state)
         if self.name == "int8 dequantized":
             return state._dequantized_product(x.float())
         x = x.to(torch.bfloat16)

@@ -167,6 +167,21 @@ def test_many_rows_multiply_dequantized_blocks(mode, monkeypatch):
         assert rel_err(matrix.matmul(x[:1]), x[:1] @ matrix.dequantize().t()) > 1e-6
 
 
+def test_int4_mix_fuses_the_products_of_one_mode():
+    """In the int4 mix, q and k (int4) share one product, v (int8) keeps its own, gate and up (int8) share
+    one; the fused decoder's logits equal the unfused ones."""
+    decoder = quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int4")
+    attention, mlp = decoder.layers[0].self_attn, decoder.layers[0].mlp
+    assert [sizes for _, sizes in attention.fused.groups] == [[64, 32], [32]]
+    assert [sizes for _, sizes in mlp.fused.groups] == [[128, 128]]
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        fused = decoder(ids).logits
+        for layer in decoder.layers:
+            layer.self_attn.fused = layer.mlp.fused = None
+        assert rel_err(fused, decoder(ids).logits) <= 1e-6
+
+
 def test_prepared_decoder_takes_nibbles_for_the_head_only():
     decoder = quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int8")
     assert decoder.embed_tokens.layout == "nibbles-cpu"  # the tied head: one row per sequence

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -324,7 +324,7 @@ def _fusable_kind(module: nn.Module) -> tuple | None:
     if type(module) is nn.Linear:
         return ("float", module.weight.dtype, module.weight.device, module.in_features, module.bias is None)
     if type(module) is QuantizedLinear:
-        return ("quantized", module.weight.device, module.cols)
+        return ("quantized", module.weight.device, module.cols, module.mode, module.layout)
     return None
 
 
