@@ -73,10 +73,16 @@ def test_tuner_settles_on_the_faster_count_and_restores_it(many, clock):
     seen = _run(ThreadTuner(), clock, 40, {many: 4.0, 1: 1.0})  # one thread faster: a busy machine
     assert torch.get_num_threads() == many  # restored after every step
     assert seen[:6] == [many, 1] * 3  # warm-up alternates
-    # then one thread, with a probe of two steps at the other count after 16 steps, then 32
-    assert seen[6:22] == [1] * 16 and seen[22:24] == [many] * 2 and seen[24:] == [1] * 16
+    # then one thread, with a probe at the other count after 16 steps (one step: 4x slower cannot win), then 32
+    assert seen[6:22] == [1] * 16 and seen[22] == many and seen[23:] == [1] * 17
     seen = _run(ThreadTuner(), clock, 40, {many: 1.0, 1: 4.0})  # all threads faster: an idle machine
-    assert seen[6:22] == [many] * 16 and seen[22:24] == [1] * 2 and seen[24:] == [many] * 16
+    assert seen[6:22] == [many] * 16 and seen[22] == 1 and seen[23:] == [many] * 17
+
+
+def test_a_probe_close_to_the_choice_takes_two_steps(many, clock):
+    tuner = ThreadTuner()
+    seen = _run(tuner, clock, 40, {many: 1.0, 1: 1.2})  # one thread slower, but by less than 1.5x
+    assert seen[22:24] == [1] * 2 and seen[24:] == [many] * 16 and tuner.probe_every == 32
 
 
 def test_tuner_follows_a_change_of_load(many, clock):
@@ -86,7 +92,7 @@ def test_tuner_follows_a_change_of_load(many, clock):
     seen = _run(tuner, clock, 80, {many: 6.0, 1: 1.0})  # the machine got busy
     # three steps in a row 1.5x slower than the median start the warm-up over (not waiting 32 steps for the next
     # probe), which picks one thread; probing restarts at 16 steps
-    assert seen == [many] * 3 + [many, 1] * 3 + [1] * 16 + [many] * 2 + [1] * 32 + [many] * 2 + [1] * 19
+    assert seen == [many] * 3 + [many, 1] * 3 + [1] * 16 + [many] + [1] * 32 + [many] + [1] * 21
     assert tuner.choice == "one"
 
 

@@ -66,8 +66,9 @@ class ThreadTuner:
 
     The first ``2 * warmup`` steps alternate between the two; then the one with the lower median time per
     unit (token) over its last ``window`` steps runs, and the other is tried again for two steps after
-    ``probe_every`` steps. A probe that confirms the choice doubles that interval (up to ``max_probe_every``);
-    a probe faster by ``margin`` switches. Time spent probing the slower count is the price: a few percent.
+    ``probe_every`` steps (one step only when that one is ``slowdown`` times slower than the choice's median:
+    it cannot win). A probe that confirms the choice doubles that interval (up to ``max_probe_every``); a
+    probe faster by ``margin`` switches. Time spent probing the slower count is the price: a few percent.
     When the load changes under the chosen count (``patience`` steps in a row more than ``slowdown`` times
     its median: another process took a core), what was measured is stale: the tuner starts over with the
     warm-up, instead of waiting for its next probe (up to ``max_probe_every`` steps away).
@@ -111,7 +112,8 @@ class ThreadTuner:
             self._decide(initial=True)
         elif self.probe_left:
             self.probe_left -= 1
-            if not self.probe_left:
+            if not self.probe_left or seconds > self.slowdown * statistics.median(self.times[self.choice]):
+                self.probe_left = 0  # done, or hopeless: a step this much slower than the choice cannot win
                 self._decide(initial=False)
         else:
             self.since_probe += 1
