@@ -67,9 +67,9 @@ BLOCK_VALUES = 1 << 20
 #: The CPU int4 kernel tiles rows in blocks of this many (`_convert_weight_to_int4pack_for_cpu`).
 CPU_INT4_TILE = 64
 #: From this many rows on, a product of a plain int8 matrix dequantizes it a block of rows at a time and uses
-#: the fp32 GEMM: the int8 kernel's time grows with the rows. Gemma-3 270M's blocks, all layers: at 32 rows
-#: kernel 77 ms / dequantized 109 ms, at 64 rows 113 / 114, at 128 rows 213 / 146, at 512 rows 847 / 425
-#: (``python benchmarks/kernels.py --rows 1 8 32 64 128 512``).
+#: the fp32 GEMM: the int8 kernel's time grows with the rows. Gemma-3 270M's blocks, all layers, kernel /
+#: dequantized: 32 rows 81 / 111 ms, 64 rows 154 / 180 (another run: 113 / 114), 128 rows 219 / 153, 512 rows
+#: 874 / 464 (``python benchmarks/kernels.py --rows 1 8 32 64 128 512``).
 MANY_ROWS = 64
 
 
