@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Literal, Protocol
 
@@ -277,24 +278,15 @@ class FusedLinears:
 
         parts = [getattr(owner, name) for name in names]
         groups: list[tuple[Any, list[int]]] = []
-        run: list[nn.Module] = []
-
-        def close() -> None:
-            if run:
+        for kind, same in itertools.groupby(parts, _fusable_kind):
+            run = list(same)
+            stacked = None
+            if kind is not None and len(run) > 1:
                 stacked = (stack_rows if isinstance(run[0], QuantizedLinear) else _stack_linears)(run)
-                groups.extend([(part, [part.out_features]) for part in run] if stacked is None else
-                              [(stacked, [part.out_features for part in run])])  # fmt: skip
-                run.clear()
-
-        for part in parts:
-            kind = _fusable_kind(part)
-            if kind is None or (run and _fusable_kind(run[0]) != kind):
-                close()
-            if kind is None:
-                groups.append((part, [part.out_features]))
+            if stacked is None:
+                groups.extend((part, [part.out_features]) for part in run)
             else:
-                run.append(part)
-        close()
+                groups.append((stacked, [part.out_features for part in run]))
         return FusedLinears(names, parts, groups) if len(groups) < len(parts) else None
 
     @staticmethod

@@ -340,11 +340,12 @@ class QuantizedMatrix(nn.Module):
             return self._plain.to(self.weight.device)
         return self.weight
 
-    def dequantize(self) -> Tensor:
-        """The float32 matrix the quantized one stands for."""
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        """The float32 matrix the quantized one stands for (or a range of its ``rows``)."""
+        weight = self.plain_weight()[rows]
         if self.mode == "int8":
-            return self.plain_weight().float() * self.weight_scale.float()[:, None]
-        return dequantize_int4(self.plain_weight(), self.weight_scale_zero, self.group_size)  # type: ignore[arg-type]
+            return weight.float() * self.weight_scale[rows].float()[:, None]
+        return dequantize_int4(weight, self.weight_scale_zero[:, rows], self.group_size)  # type: ignore[arg-type]
 
     def lookup(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` (any shape) of the float32 matrix -> ``[*ids.shape, cols]`` (an embedding lookup)."""
@@ -398,12 +399,8 @@ class QuantizedMatrix(nn.Module):
         out = x.new_empty(flat.shape[0], self.rows)
         step = block_rows(self.cols)
         for start in range(0, self.rows, step):
-            stop = min(start + step, self.rows)
-            if self.mode == "int8":
-                block = self.weight[start:stop].float() * self.weight_scale[start:stop].float()[:, None]
-            else:
-                block = dequantize_int4(self.weight[start:stop], self.weight_scale_zero[:, start:stop], self.group_size)  # type: ignore[arg-type]
-            out[:, start:stop] = F.linear(x, block)
+            rows = slice(start, start + step)
+            out[:, rows] = F.linear(x, self.dequantize(rows))
         return out.to(flat.dtype)
 
     # ------------------------------------------------------------------------------------------- layouts

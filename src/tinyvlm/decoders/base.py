@@ -260,7 +260,7 @@ class TransformerDecoder(Decoder):
         """
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         fusions = [part for layer in self.layers for part in (layer.self_attn, layer.mlp)]
-        fused = {id(layer) for part in fusions if part.fused is not None and part.fused.current(part) for layer in part.fused.parts}
+        fused = {id(member) for part in fusions if part.fused is not None and part.fused.current(part) for member in part.fused.parts}
         for module in self.modules():
             if id(module) in fused:  # already a view of its fused matrix, in that matrix's layout
                 continue
