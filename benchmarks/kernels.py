@@ -12,6 +12,11 @@ memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input r
 * ``int8 nibbles``: the same int8 values through ``aten._weight_int4pack_mm_for_cpu`` as ``16 h + l``
   (tinyvlm's prepared CPU int8 layout, see tinyvlm/quantize.py);
 * ``int4``: ``aten._weight_int4pack_mm_for_cpu``, group 128;
+* ``w8a8 fbgemm``: not weight-only, not used by tinyvlm: ``quantized::linear_dynamic`` (what the deprecated
+  ``torch.ao.quantization.quantize_dynamic`` runs on x86), which quantizes the fp32 input row to 7-bit
+  integers with one scale for the row and multiplies with integer dot products. It is PyTorch's only CPU
+  kernel that reads int8 near memory speed at one row; its activation rounding costs too much perplexity
+  (``python benchmarks/quality.py --modes fp32 int8 w8a8``);
 * ``int8 dequantized`` (with ``--rows``): the same int8 matrix dequantized a block of rows at a time and
   multiplied in fp32 (what tinyvlm does from `MANY_ROWS` rows on, ``QuantizedMatrix._dequantized_product``).
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -45,6 +51,15 @@ def block_shapes(model: str) -> list[tuple[int, int]]:
 
 def int4_group(cols: int) -> int:
     return next(g for g in (128, 64, 32) if cols % g == 0)
+
+
+def fbgemm_packed(weight: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of int8 ``weight`` with per-row ``scale`` (quantized tensors are deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = weight.shape[0]
+        quantized = torch._make_per_channel_quantized_tensor(weight, scale.double(), torch.zeros(rows, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(quantized, None)
 
 
 class Kernel:
@@ -68,6 +83,8 @@ class Kernel:
             return matrix
         if self.name == "int8 nibbles":
             return int8_to_nibbles(q, scale)
+        if self.name == "w8a8 fbgemm":
+            return fbgemm_packed(q, scale), q, scale
         group = int4_group(cols)
         tiled = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (rows, cols), dtype=torch.int32), 1)
         return tiled, torch.rand(cols // group, rows, 2).to(torch.bfloat16), group
@@ -77,6 +94,8 @@ class Kernel:
             return split_linear(x.float(), state)
         if self.name == "int8 dequantized":
             return state._dequantized_product(x.float())
+        if self.name == "w8a8 fbgemm":
+            return torch.ops.quantized.linear_dynamic(x.float(), state[0], True)
         x = x.to(torch.bfloat16)
         if self.name == "int8 kernel":
             return torch.ops.aten._weight_int8pack_mm(x, *state)
@@ -105,7 +124,7 @@ def main() -> None:
     if args.rows:
         return by_rows(args)
     hidden, *_, vocab = SHAPES[args.model]
-    kernels = [Kernel(name) for name in ("fp32", "int8 kernel", "int8 nibbles", "int4")]
+    kernels = [Kernel(name) for name in ("fp32", "int8 kernel", "int8 nibbles", "int4", "w8a8 fbgemm")]
     parts = {"blocks": block_shapes(args.model), "head": [(vocab, hidden)]}
     states = {(k.name, part): [k.prepare(torch.randn(r, c) * 0.02) for r, c in shapes] for k in kernels for part, shapes in parts.items()}
     inputs = {cols: torch.randn(1, cols) for shapes in parts.values() for _, cols in shapes}

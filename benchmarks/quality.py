@@ -15,11 +15,18 @@ while the checkpoint is read) and measured on:
   free-running greedy continuation equal fp32's before the first difference; ``forced`` is the share of
   positions where the model's top-1 token equals fp32's greedy token when both read fp32's continuation
   (teacher forcing, so one early difference does not count for every later position).
+
+``w8a8`` and ``w8a8-8bit`` are not tinyvlm modes but the measurement behind not using the one fast int8
+kernel PyTorch has on CPU (``benchmarks/kernels.py``: "w8a8 fbgemm"): the int8 model with every int8 product
+computed by ``quantized::linear_dynamic``, which also rounds the activations, one row at a time as in
+decoding (the kernel takes one scale for its whole input): to 7 bits as ``quantize_dynamic`` does on x86
+(``reduce_range``), or to 8 bits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -30,6 +37,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tinyvlm  # noqa: E402
+from tinyvlm.quantize import QuantizedMatrix  # noqa: E402
+
+#: The experiment modes (module docstring) and whether their activations are rounded to 7 bits.
+W8A8_REDUCED_RANGE = {"w8a8": True, "w8a8-8bit": False}
 
 TEXT = Path(__file__).parent / "data" / "alice_chapter1.txt"
 PROMPTS = [
@@ -74,12 +85,37 @@ def agreement(decoder: torch.nn.Module, prompt: torch.Tensor, reference: torch.T
 
 
 def load(folder: Path, mode: str) -> torch.nn.Module:
-    return tinyvlm.build_decoder(f"local-dir:{folder}", dtype=torch.float32, quantize=None if mode == "fp32" else mode)
+    quantize = None if mode == "fp32" else "int8" if mode in W8A8_REDUCED_RANGE else mode
+    return tinyvlm.build_decoder(f"local-dir:{folder}", dtype=torch.float32, quantize=quantize)
+
+
+@contextlib.contextmanager
+def fbgemm_products(reduce_range: bool):
+    """Within the block, every int8 product runs fbgemm's dynamic W8A8 kernel, one input row at a time."""
+    from kernels import fbgemm_packed
+
+    packed: dict[int, tuple[QuantizedMatrix, object]] = {}
+    original = QuantizedMatrix._product
+
+    def product(matrix: QuantizedMatrix, flat: torch.Tensor) -> torch.Tensor:
+        if matrix.mode != "int8":
+            return original(matrix, flat)
+        if id(matrix) not in packed:
+            packed[id(matrix)] = matrix, fbgemm_packed(matrix.plain_weight(), matrix.weight_scale.float())
+        weights = packed[id(matrix)][1]
+        rows = [torch.ops.quantized.linear_dynamic(row, weights, reduce_range) for row in flat.float().split(1)]
+        return torch.cat(rows).to(flat.dtype)
+
+    QuantizedMatrix._product = product
+    try:
+        yield
+    finally:
+        QuantizedMatrix._product = original
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
+    parser.add_argument("--modes", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4", *W8A8_REDUCED_RANGE])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -96,14 +132,16 @@ def main() -> None:
     del reference
     print(f"Gemma-3 270M (real weights), {TEXT.name}: first {args.tokens} tokens; "
           f"greedy agreement over {len(PROMPTS)} prompts x {args.new_tokens} tokens")
-    print(f"{'mode':6} {'perplexity':>10} {'vs fp32':>8}  {'greedy prefix (per prompt)':>28}  {'forced top-1':>12}")
+    print(f"{'mode':9} {'perplexity':>10} {'vs fp32':>8}  {'greedy prefix (per prompt)':>28}  {'forced top-1':>12}")
     for mode in args.modes:
         model = load(folder, mode)
-        ppl = base if mode == "fp32" else perplexity(model, ids)
-        results = [agreement(model, p, c) for p, c in zip(prompts, continuations)]
+        products = fbgemm_products(W8A8_REDUCED_RANGE[mode]) if mode in W8A8_REDUCED_RANGE else contextlib.nullcontext()
+        with products:
+            ppl = base if mode == "fp32" else perplexity(model, ids)
+            results = [agreement(model, p, c) for p, c in zip(prompts, continuations)]
         prefixes = "/".join(str(prefix) for prefix, _ in results)
         forced = sum(f for _, f in results) / (len(results) * args.new_tokens)
-        print(f"{mode:6} {ppl:10.3f} {100 * (ppl / base - 1):+7.2f}%  {prefixes:>28}  {100 * forced:11.1f}%")
+        print(f"{mode:9} {ppl:10.3f} {100 * (ppl / base - 1):+7.2f}%  {prefixes:>28}  {100 * forced:11.1f}%")
         del model
 
 

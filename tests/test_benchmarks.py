@@ -36,3 +36,35 @@ def test_gpu_script_without_a_gpu_says_so() -> None:
     assert done.returncode == 1 and "no CUDA device visible to torch" in done.stderr
     wrong = subprocess.run(["bash", str(SCRIPT), "--fast"], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "usage: benchmarks/gpu.sh [--cpu-smoke]" in wrong.stderr
+
+
+def test_quality_w8a8_experiment_runs_fbgemm_on_every_int8_product(monkeypatch) -> None:
+    """benchmarks/quality.py's ``w8a8`` modes: inside the block every int8 product is fbgemm's (its activation
+    rounding moves the logits a little), outside it tinyvlm's own again."""
+    import sys
+
+    import tinyvlm
+    from tinyvlm.quantize import QuantizedMatrix
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    sys.modules.pop("quality", None)
+    import quality
+
+    decoder = tinyvlm.build_decoder("test-llama", quantize="int8")
+    ids = torch.randint(3, 500, (1, 7), generator=torch.Generator().manual_seed(0))
+    own_product = QuantizedMatrix._product
+    products = []
+    monkeypatch.setattr(QuantizedMatrix, "_product", lambda matrix, flat: products.append(matrix) or own_product(matrix, flat))
+    with torch.inference_mode():
+        own = decoder(ids).logits
+        monkeypatch.setattr(QuantizedMatrix, "_product", own_product)
+        calls = []
+        fbgemm = torch.ops.quantized.linear_dynamic
+        monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda *a: calls.append(a[2]) or fbgemm(*a))
+        with quality.fbgemm_products(reduce_range=False):
+            rounded = decoder(ids).logits
+        assert QuantizedMatrix._product is own_product
+        again = decoder(ids).logits
+    assert len(products) > 0 and calls == [False] * (len(products) * 7)  # every product, one call per row
+    assert torch.equal(again, own) and not torch.equal(rounded, own)
+    assert (rounded - own).abs().max() <= 0.05 * own.abs().max()

@@ -305,6 +305,31 @@ def test_rope_lookup_equals_forward(decoder):
             assert torch.allclose(table, direct, rtol=0, atol=1e-6)  # the grown table
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_rms_norm_is_the_references_bit_for_bit(family, dtype):
+    """`layers.RMSNorm` (through ``F.rms_norm``) equals transformers' norms exactly, values and gradients."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tinyvlm.layers import RMSNorm
+
+    torch.manual_seed(0)
+    ours = RMSNorm(48, 1e-6, unit_offset=family == "gemma3").to(dtype)
+    theirs = (Gemma3RMSNorm(48, eps=1e-6) if family == "gemma3" else LlamaRMSNorm(48, eps=1e-6)).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(48) * 0.2 + (0.0 if family == "gemma3" else 1.0))
+        theirs.weight.copy_(ours.weight)
+    x = (torch.randn(3, 5, 48) * 4).to(dtype).requires_grad_()
+    upstream = torch.randn(3, 5, 48).to(dtype)
+    results = []
+    for norm in (ours, theirs):
+        out = norm(x)
+        results.append((out, *torch.autograd.grad(out, (x, norm.weight), upstream)))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
 def test_decoding_layout_keeps_names_values_and_training(decoder):
     import copy
 
