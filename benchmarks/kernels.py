@@ -12,6 +12,9 @@ memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input r
 * ``int8 nibbles``: the same int8 values through ``aten._weight_int4pack_mm_for_cpu`` as ``16 h + l``
   (tinyvlm's prepared CPU int8 layout, see tinyvlm/quantize.py);
 * ``int4``: ``aten._weight_int4pack_mm_for_cpu``, group 128;
+* ``int8 inductor``: what ``torch.compile`` (Inductor, default mode) generates for the product written out,
+  ``(x * W.float()).sum(-1) * s`` (the form that compiled fastest of those tried; a ``max-autotune`` CPP
+  GEMM template was slower still); compiled once per shape, in the first round;
 * ``w8a8 fbgemm``: not weight-only, not used by tinyvlm: ``quantized::linear_dynamic`` (what the deprecated
   ``torch.ao.quantization.quantize_dynamic`` runs on x86), which quantizes the fp32 input row to 7-bit
   integers with one scale for the row and multiplies with integer dot products. It is PyTorch's only CPU
@@ -62,6 +65,11 @@ def fbgemm_packed(weight: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(quantized, None)
 
 
+@torch.compile
+def inductor_int8_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x * weight.float()).sum(-1) * scale
+
+
 class Kernel:
     """One way of multiplying: ``prepare(weight)`` -> state, ``run(x, state)``; ``nbytes(state)``."""
 
@@ -85,6 +93,8 @@ class Kernel:
             return int8_to_nibbles(q, scale)
         if self.name == "w8a8 fbgemm":
             return fbgemm_packed(q, scale), q, scale
+        if self.name == "int8 inductor":
+            return q, scale.float()
         group = int4_group(cols)
         tiled = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (rows, cols), dtype=torch.int32), 1)
         return tiled, torch.rand(cols // group, rows, 2).to(torch.bfloat16), group
@@ -96,6 +106,8 @@ class Kernel:
             return state._dequantized_product(x.float())
         if self.name == "w8a8 fbgemm":
             return torch.ops.quantized.linear_dynamic(x.float(), state[0], True)
+        if self.name == "int8 inductor":
+            return inductor_int8_product(x.float(), *state)
         x = x.to(torch.bfloat16)
         if self.name == "int8 kernel":
             return torch.ops.aten._weight_int8pack_mm(x, *state)
@@ -124,7 +136,7 @@ def main() -> None:
     if args.rows:
         return by_rows(args)
     hidden, *_, vocab = SHAPES[args.model]
-    kernels = [Kernel(name) for name in ("fp32", "int8 kernel", "int8 nibbles", "int4", "w8a8 fbgemm")]
+    kernels = [Kernel(name) for name in ("fp32", "int8 kernel", "int8 nibbles", "int4", "int8 inductor", "w8a8 fbgemm")]
     parts = {"blocks": block_shapes(args.model), "head": [(vocab, hidden)]}
     states = {(k.name, part): [k.prepare(torch.randn(r, c) * 0.02) for r, c in shapes] for k in kernels for part, shapes in parts.items()}
     inputs = {cols: torch.randn(1, cols) for shapes in parts.values() for _, cols in shapes}
