@@ -32,6 +32,7 @@ both) and GB/s of weight bytes. Random weights: the kernels' speed does not depe
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import warnings
 
@@ -65,9 +66,13 @@ def fbgemm_packed(weight: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(quantized, None)
 
 
-@torch.compile
-def inductor_int8_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x * weight.float()).sum(-1) * scale
+
+
+@functools.cache
+def inductor_int8_product():  # compiled when first asked for: importing this file must not load Inductor
+    return torch.compile(int8_product)
 
 
 class Kernel:
@@ -107,7 +112,7 @@ class Kernel:
         if self.name == "w8a8 fbgemm":
             return torch.ops.quantized.linear_dynamic(x.float(), state[0], True)
         if self.name == "int8 inductor":
-            return inductor_int8_product(x.float(), *state)
+            return inductor_int8_product()(x.float(), *state)
         x = x.to(torch.bfloat16)
         if self.name == "int8 kernel":
             return torch.ops.aten._weight_int8pack_mm(x, *state)
