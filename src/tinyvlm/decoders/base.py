@@ -254,9 +254,9 @@ class TransformerDecoder(Decoder):
         (k, v, o, down) faster row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest
         row-major throughout.
 
-        Quantized matrices (`tinyvlm.quantize`) take the layout their kernels read (int4 and CPU int8: tiled).
-        Then the products that read the same input, q/k/v and gate/up, are fused into one matrix each
-        (`tinyvlm.layers.FusedLinears`: the parts' weights become views of it).
+        Quantized matrices (`tinyvlm.quantize`) take the layout their kernels read (int4: tiled; an int8 LM
+        head on CPU: nibbles). Then the products that read the same input, q/k/v and gate/up, are fused into
+        one matrix each (`tinyvlm.layers.FusedLinears`: the parts' weights become views of it).
         """
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         fusions = [part for layer in self.layers for part in (layer.self_attn, layer.mlp)]
