@@ -35,7 +35,7 @@ from PIL import Image
 import tinyvlm
 from tinyvlm.data.loading import Collator, SampleMaker, load
 from tinyvlm.data.schemas import RatingFilter
-from tinyvlm.data.sources import open_rows, parse_source
+from tinyvlm.data.readers import open_rows, parse_source
 from tinyvlm.data.stream import Mixture, RowSource, StepBatches
 
 LAYOUTS = {

@@ -12,7 +12,7 @@ machine; best / median / worst tokens/s are printed, with the ratio of each to t
 The torch engines also report the 512-token prefill time.
 
 Threads: torch's intra-op count is set to ``--threads`` (transformers uses it as is; tinyvlm, left on its
-default, chooses per step between that count and one, see tinyvlm.threads); llama.cpp gets ``n_threads``.
+default, chooses per step between that count and one, see tinyvlm.inference.threads); llama.cpp gets ``n_threads``.
 ``--busy`` runs everything twice: on the machine as it is, then with one extra process spinning on a core
 (``python -c "while True: pass"``) started by this script, and prints both conditions.
 

@@ -1,7 +1,7 @@
 """Trainable parameters and adapter size of a LoRA run, measured without weights (meta device).
 
 Builds a zoo VLM on the meta device (no download), injects LoRA as ``tinyvlm train --lora RANK`` does
-(`tinyvlm.lora.adapter.add_lora`, the projector trained in full), counts the trainable parameters, then gives
+(`tinyvlm.interop.lora.add_lora`, the projector trained in full), counts the trainable parameters, then gives
 only the adapter's tensors real (zero) storage and writes the adapter with `save_adapter`, whose
 ``adapter_model.safetensors`` size is the size of every adapter of that shape.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import tinyvlm
-from tinyvlm.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, count_parameters, save_adapter
-from tinyvlm.lora.settings import DEFAULT_TARGETS, LoraSettings
+from tinyvlm.interop.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, count_parameters, save_adapter
+from tinyvlm.interop.lora_settings import DEFAULT_TARGETS, LoraSettings
 
 
 def main() -> None:

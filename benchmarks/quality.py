@@ -17,7 +17,7 @@ while the checkpoint is read) and measured on:
   (teacher forcing, so one early difference does not count for every later position).
 
 ``w8a8`` and ``w8a8-8bit`` are not tinyvlm modes but the measurement behind not using the one fast int8
-kernel PyTorch has on CPU (``benchmarks/kernels.py``: "w8a8 fbgemm"): the int8 model with every int8 product
+kernel PyTorch has on CPU (``benchmarks/matmul_kernels.py``: "w8a8 fbgemm"): the int8 model with every int8 product
 computed by ``quantized::linear_dynamic``, which also rounds the activations, one row at a time as in
 decoding (the kernel takes one scale for its whole input): to 7 bits as ``quantize_dynamic`` does on x86
 (``reduce_range``), or to 8 bits.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tinyvlm  # noqa: E402
-from tinyvlm.quantize import QuantizedMatrix  # noqa: E402
+from tinyvlm.inference.quantize import QuantizedMatrix  # noqa: E402
 
 #: The experiment modes (module docstring) and whether their activations are rounded to 7 bits.
 W8A8_REDUCED_RANGE = {"w8a8": True, "w8a8-8bit": False}
@@ -92,7 +92,7 @@ def load(folder: Path, mode: str) -> torch.nn.Module:
 @contextlib.contextmanager
 def fbgemm_products(reduce_range: bool):
     """Within the block, every int8 product runs fbgemm's dynamic W8A8 kernel, one input row at a time."""
-    from kernels import fbgemm_packed
+    from matmul_kernels import fbgemm_packed
 
     packed: dict[int, tuple[QuantizedMatrix, object]] = {}
     original = QuantizedMatrix._product

@@ -6,7 +6,7 @@ Each mode loads the Hub-layout fp32 folder (real_gemma.py; 1.07 GB of fp32 on di
 ``tinyvlm.build_decoder("local-dir:...", dtype=torch.float32, quantize=mode)`` and prints the size of the
 model's tensors and the rise of the process's peak resident set (``VmHWM``) over its baseline after
 importing torch and tinyvlm (and building a test decoder, so that one-time setup is not counted). With
-``quantize=`` the checkpoint is read in blocks of rows and quantized block by block (`tinyvlm.quantize`),
+``quantize=`` the checkpoint is read in blocks of rows and quantized block by block (`tinyvlm.inference.quantize`),
 so the peak stays near the quantized size instead of the fp32 one. Linux only (reads /proc/self/status).
 """
 

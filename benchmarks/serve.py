@@ -15,7 +15,7 @@ for ``--rounds`` rounds, and between them the same questions are answered by ``v
 requests/s, generated tokens/s (server: its ``usage`` counts), latency p50 / p90 and the mean batch size
 (server: from its ``/health`` counters). ``--threads`` sets ``OMP_NUM_THREADS`` for the server and
 ``torch.set_num_threads`` here. ``--quantize`` serves (and builds here) the decoder with weight-only int8 / int4
-(`tinyvlm.quantize`).
+(`tinyvlm.inference.quantize`).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def serve_command(model: str) -> tuple[list[str], str]:
 
 
 def library_model(model: str, quantize: str | None):
-    from tinyvlm.vlm.building import build_vlm, open_vlm
+    from tinyvlm.api import build_vlm, open_vlm
 
     if model == "test-vlm":
         return open_vlm("test-vlm", quantize=quantize).prepare_for_inference()

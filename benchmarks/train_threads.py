@@ -6,7 +6,7 @@ core kept busy by another process, in one interleaved run.
 The run is `tinyvlm demo`'s: its 3.4M-parameter VLM (test-siglip + pixel-shuffle-mlp + test-llama, 512-token
 tokenizer) trained in full on its shapes dataset, batch 32, through `tinyvlm.train` (the real training loop,
 data loading included). Each training runs in a fresh process, once with ``threads`` left out (torch's count,
-tuned per step between it and one by `tinyvlm.threads.ThreadTuner`) and once with ``threads=1``; the two
+tuned per step between it and one by `tinyvlm.inference.threads.ThreadTuner`) and once with ``threads=1``; the two
 alternate, ``--rounds`` times. Tokens/s is the median over the logged windows of 10 steps after the first
 (the first holds the warm-up). ``--busy`` repeats everything with ``python -c "while True: pass"`` running.
 """

@@ -29,10 +29,10 @@ def strict_image_decoding() -> None:
 @pytest.fixture(autouse=True)
 def restored_thread_count() -> Iterator[None]:
     """A test that sets threads (``threads=`` / ``--threads``, which also stop the automatic choice,
-    `tinyvlm.threads`) leaves torch's count and the automatic choice as they were for the next one."""
+    `tinyvlm.inference.threads`) leaves torch's count and the automatic choice as they were for the next one."""
     import torch
 
-    from tinyvlm import threads
+    from tinyvlm.inference import threads
 
     count, pinned = torch.get_num_threads(), threads._pinned
     yield

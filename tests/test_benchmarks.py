@@ -44,7 +44,7 @@ def test_quality_w8a8_experiment_runs_fbgemm_on_every_int8_product(monkeypatch) 
     import sys
 
     import tinyvlm
-    from tinyvlm.quantize import QuantizedMatrix
+    from tinyvlm.inference.quantize import QuantizedMatrix
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     sys.modules.pop("quality", None)

@@ -347,8 +347,8 @@ COMMANDS = {
 def test_quantize_and_threads_reach_the_model(command, mode, monkeypatch):
     import torch
 
-    from tinyvlm import threads
-    from tinyvlm.quantize import QuantizedLinear
+    from tinyvlm.inference import threads
+    from tinyvlm.inference.quantize import QuantizedLinear
 
     seen = _captured_model(command, monkeypatch)
     assert main([*COMMANDS[command], "--quantize", mode, "--threads", "1"]) == 0
@@ -363,7 +363,7 @@ def test_quantize_and_threads_reach_the_model(command, mode, monkeypatch):
 def test_without_the_flags_the_model_is_float_and_threads_automatic(command, monkeypatch):
     from torch import nn
 
-    from tinyvlm import threads
+    from tinyvlm.inference import threads
 
     seen = _captured_model(command, monkeypatch)
     assert main(COMMANDS[command]) == 0

@@ -104,7 +104,7 @@ def test_demo_folder_is_kept_and_picked_up_where_it_stopped(tmp_path: Path, caps
 
 
 def test_demo_thread_count_is_fixed_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tinyvlm import threads
+    from tinyvlm.inference import threads
 
     assert main(["demo", "--steps", "2", "--output", str(tmp_path / "a"), "--threads", "2"]) == 0
     assert torch.get_num_threads() == 2 and threads.pinned()  # fixed, not tuned per step

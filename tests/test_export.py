@@ -1,4 +1,4 @@
-"""Export to transformers (`tinyvlm.export`): tiny twins built from the test entries, written with
+"""Export to transformers (`tinyvlm.interop.transformers`): tiny twins built from the test entries, written with
 ``save_pretrained(layout="transformers")`` / ``tinyvlm export`` and read by transformers itself
 (``AutoProcessor``, ``Idefics3ForConditionalGeneration``, ``AutoModelForCausalLM``): the same input ids, logits
 within 1e-5 (relative max error, fp32), the same greedy tokens; and read back by tinyvlm unchanged."""
@@ -23,7 +23,7 @@ from twins import write_smolvlm_twin  # noqa: E402
 import tinyvlm  # noqa: E402
 from tinyvlm.cli import main  # noqa: E402
 from tinyvlm.errors import ConfigError  # noqa: E402
-from tinyvlm.export import save_idefics3  # noqa: E402
+from tinyvlm.interop.transformers import save_idefics3  # noqa: E402
 from tinyvlm.tokenizer import load_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -238,8 +238,8 @@ def test_what_cannot_export_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="smolvlm layout writes SmolVLM's token strings"):
         tinyvlm.build_vlm("test-siglip", "test-llama", processor_kwargs=dict(layout="smolvlm"))
 
-    from tinyvlm.lora.adapter import add_lora
-    from tinyvlm.lora.settings import LoraSettings
+    from tinyvlm.interop.lora import add_lora
+    from tinyvlm.interop.lora_settings import LoraSettings
 
     pytest.importorskip("peft")
     vlm = tinyvlm.build_vlm("test-siglip", "test-llama", "pixel-shuffle-linear", processor_kwargs=SMOLVLM_TOKENS)

@@ -8,7 +8,7 @@ import torch
 from tiny_family import TinyConfig, TinyModule, checkpoint_tensors, write_checkpoint
 
 from tinyvlm.errors import ConfigError, UnknownModelError
-from tinyvlm.factory import build_decoder, build_encoder, part_config
+from tinyvlm.api import build_decoder, build_encoder, part_config
 from tinyvlm.sources import resolve
 
 

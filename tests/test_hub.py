@@ -13,7 +13,7 @@ import torch
 from tiny_family import TinyConfig, TinyModule, checkpoint_tensors, hf_config, write_checkpoint
 
 from tinyvlm.errors import HubError, UnknownModelError, WeightsError
-from tinyvlm.factory import build_encoder
+from tinyvlm.api import build_encoder
 from tinyvlm.sources import download_model, is_cached, resolve
 
 REPO = "tiny-org/tiny-model"
@@ -108,7 +108,7 @@ from tiny_family import FAMILY
 from tinyvlm import registry
 registry._families_loaded = True
 registry.register_family(FAMILY)
-from tinyvlm.factory import build_encoder
+from tinyvlm.api import build_encoder
 module = build_encoder("hf-hub:{REPO}@{commit}")
 print(float(module.fc.weight.sum()))
 """

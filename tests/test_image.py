@@ -16,7 +16,7 @@ from PIL import Image
 
 import tinyvlm
 from tinyvlm.errors import ConfigError, DataError
-from tinyvlm.image import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, to_rgb
+from tinyvlm.processing.image import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, to_rgb
 
 transformers = pytest.importorskip("transformers")
 

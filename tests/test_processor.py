@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from tinyvlm.errors import DataError
-from tinyvlm.image import ImageTransform
-from tinyvlm.processor import IGNORE_INDEX, Processor
+from tinyvlm.processing.image import ImageTransform
+from tinyvlm.processing.processor import IGNORE_INDEX, Processor
 from tinyvlm.vlm.config import ImageTokenConfig
 from tinyvlm.tokenizer import load_tokenizer
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization (tinyvlm.quantize): the math, the kernels' layouts, quantized decoders
+"""Weight-only int8 / int4 quantization (tinyvlm.inference.quantize): the math, the kernels' layouts, quantized decoders
 against fp32 on transformers twins and the test-* entries, quantized save / load, peak memory of quantizing
 at load, and bad input."""
 
@@ -20,7 +20,7 @@ from decoder_twins import randomize_, rel_err  # noqa: E402
 import tinyvlm  # noqa: E402
 from tinyvlm.config import QuantizationConfig  # noqa: E402
 from tinyvlm.errors import ConfigError, WeightsError  # noqa: E402
-from tinyvlm.quantize import (  # noqa: E402
+from tinyvlm.inference.quantize import (  # noqa: E402
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizedMatrix,
@@ -158,11 +158,11 @@ def test_int8_without_a_nibble_group_keeps_the_int8_kernel():
 def test_many_rows_multiply_dequantized_blocks(mode, monkeypatch):
     """From MANY_ROWS rows on, a plain matrix's product is the fp32 product with the dequantized weight, a
     block of rows at a time (here blocks of 16 rows, so that several are used): no bf16 rounding."""
-    import tinyvlm.quantize
+    import tinyvlm.inference.quantize
 
-    monkeypatch.setattr(tinyvlm.quantize, "BLOCK_VALUES", 16 * 64)
+    monkeypatch.setattr(tinyvlm.inference.quantize, "BLOCK_VALUES", 16 * 64)
     matrix = QuantizedMatrix.from_float(_weights(80, 64, seed=14), mode, 32 if mode == "int4" else None)
-    x = torch.randn(tinyvlm.quantize.MANY_ROWS, 64, generator=torch.Generator().manual_seed(15))
+    x = torch.randn(tinyvlm.inference.quantize.MANY_ROWS, 64, generator=torch.Generator().manual_seed(15))
     assert rel_err(matrix.matmul(x), x @ matrix.dequantize().t()) < 1e-6
     if mode == "int8":  # one row: the int8 kernel, bf16 activations (plain int4 always dequantizes)
         assert rel_err(matrix.matmul(x[:1]), x[:1] @ matrix.dequantize().t()) > 1e-6

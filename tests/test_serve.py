@@ -35,7 +35,7 @@ from tinyvlm.cli import main
 from tinyvlm.errors import ConfigError
 from tinyvlm.serve.app import create_app, listening_socket
 from tinyvlm.serve.config import ServeConfig
-from tinyvlm.vlm.building import build_vlm, open_vlm
+from tinyvlm.api import build_vlm, open_vlm
 
 MODEL = "tiny-served"
 TIMEOUT = 30.0  # seconds, every client call

@@ -1,4 +1,4 @@
-"""Intra-op threads (tinyvlm.threads): validation and the per-step tuner, on a fake clock (no timed tests:
+"""Intra-op threads (tinyvlm.inference.threads): validation and the per-step tuner, on a fake clock (no timed tests:
 the busy-core figures come from ``benchmarks/decode.py --busy``)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import tinyvlm
-from tinyvlm import threads
+from tinyvlm.inference import threads
 from tinyvlm.errors import ConfigError
-from tinyvlm.threads import ThreadTuner, check_threads, set_threads
+from tinyvlm.inference.threads import ThreadTuner, check_threads, set_threads
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_set_threads_fixes_the_count(restore_threads):
 
 
 class FakeClock:
-    """Stands in for ``time`` in `tinyvlm.threads`: a step takes ``cost[threads]`` seconds of its time."""
+    """Stands in for ``time`` in `tinyvlm.inference.threads`: a step takes ``cost[threads]`` seconds of its time."""
 
     def __init__(self) -> None:
         self.now = 0.0

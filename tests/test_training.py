@@ -400,7 +400,7 @@ def test_split_options_for_files(data: Path, tmp_path: Path) -> None:
 
 def test_image_splitting_trains_with_the_inference_layout(tmp_path: Path) -> None:
     from tinyvlm.data.loading import SampleMaker
-    from tinyvlm.data.sources import open_rows, parse_source
+    from tinyvlm.data.readers import open_rows, parse_source
     from tinyvlm.data.schemas import RatingFilter, detect_schema
 
     tinyvlm.build_vlm("test-vlm", processor_kwargs={"split_images": True, "max_grid": 2}).save_pretrained(tmp_path / "split")

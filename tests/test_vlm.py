@@ -13,8 +13,8 @@ from PIL import Image
 
 import tinyvlm
 from tinyvlm.errors import ConfigError, DataError
-from tinyvlm.processor import IGNORE_INDEX
-from tinyvlm.vlm.building import build_vlm, load_vlm
+from tinyvlm.processing.processor import IGNORE_INDEX
+from tinyvlm.api import build_vlm, load_vlm
 from tinyvlm.vlm.config import VLMConfig
 from tinyvlm.vlm.model import VLM
 

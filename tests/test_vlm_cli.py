@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from tinyvlm.cli import main
-from tinyvlm.vlm.building import build_vlm
+from tinyvlm.api import build_vlm
 
 
 @pytest.fixture

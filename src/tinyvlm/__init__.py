@@ -15,11 +15,11 @@ from tinyvlm.registry import ModelSpec, get_spec, list_models, register_family, 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build_encoder": "tinyvlm.factory",
-    "build_decoder": "tinyvlm.factory",
-    "build_projector": "tinyvlm.factory",
-    "build_vlm": "tinyvlm.vlm.building",
-    "load_vlm": "tinyvlm.vlm.building",
+    "build_encoder": "tinyvlm.api",
+    "build_decoder": "tinyvlm.api",
+    "build_projector": "tinyvlm.api",
+    "build_vlm": "tinyvlm.api",
+    "load_vlm": "tinyvlm.api",
     "VLM": "tinyvlm.vlm.model",
     "VLMConfig": "tinyvlm.vlm.config",
     "load_tokenizer": "tinyvlm.tokenizer",
@@ -50,9 +50,9 @@ __getattr__ = lazy_attributes(__name__, _LAZY)
 
 if TYPE_CHECKING:
     from tinyvlm.evaluation.runner import evaluate
-    from tinyvlm.factory import build_decoder, build_encoder, build_projector
+    from tinyvlm.api import build_decoder, build_encoder, build_projector
     from tinyvlm.tokenizer import Tokenizer, load_tokenizer
     from tinyvlm.training.loop import train
-    from tinyvlm.vlm.building import build_vlm, load_vlm
+    from tinyvlm.api import build_vlm, load_vlm
     from tinyvlm.vlm.config import VLMConfig
     from tinyvlm.vlm.model import VLM

@@ -151,7 +151,7 @@ def describe_checkpoint(source) -> dict[str, object]:
     """An ``hf-hub:`` / ``local-dir:`` / folder checkpoint as ``info`` shows it: its family and config (as
     that family reads them: a VLM layout's full `VLMConfig`), parameters and width (measured on the meta
     device) and where its files are."""
-    from tinyvlm.factory import part_config
+    from tinyvlm.api import part_config
     from tinyvlm.registry import family_for_config, measure
 
     family = family_for_config(source.config_json(), where=source.name)
@@ -239,8 +239,8 @@ _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetitio
 def cmd_generate(args: argparse.Namespace) -> int:
     from tinyvlm.devices import check_device, default_device, parse_dtype
     from tinyvlm.errors import ConfigError
-    from tinyvlm.threads import set_threads
-    from tinyvlm.vlm.building import build_vlm, open_vlm
+    from tinyvlm.inference.threads import set_threads
+    from tinyvlm.api import build_vlm, open_vlm
 
     check_sampling_flags({name: getattr(args, name) for name in _SAMPLING_FLAGS})  # before the model is loaded
     runtime = runtime_options(args)
@@ -481,8 +481,8 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from tinyvlm.lora.adapter import merge_adapter
-    from tinyvlm.vlm.building import with_adapter
+    from tinyvlm.interop.lora import merge_adapter
+    from tinyvlm.api import with_adapter
 
     vlm = with_adapter(args.base, args.adapter, dtype=args.dtype, device=None)
     folder = merge_adapter(vlm).save_pretrained(args.output)
@@ -503,7 +503,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tinyvlm.export import export
+    from tinyvlm.interop.transformers import export
 
     kind, folder = export(args.name, args.output)
     layout = "Idefics3" if kind == "vlm" else "causal LM"
@@ -584,8 +584,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tinyvlm.errors import ConfigError
     from tinyvlm.serve.app import run
     from tinyvlm.serve.config import ServeConfig
-    from tinyvlm.threads import set_threads
-    from tinyvlm.vlm.building import build_vlm, open_vlm
+    from tinyvlm.inference.threads import set_threads
+    from tinyvlm.api import build_vlm, open_vlm
 
     config = validated(ServeConfig, given_options(args, ServeConfig))
     set_threads(config.threads)

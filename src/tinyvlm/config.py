@@ -58,7 +58,7 @@ class Config(BaseModel):
         return self.model_dump_json(indent=2)
 
 
-#: ``quantize=`` / ``--quantize`` values: weight-only int8 or int4 (see `tinyvlm.quantize`).
+#: ``quantize=`` / ``--quantize`` values: weight-only int8 or int4 (see `tinyvlm.inference.quantize`).
 QUANT_MODES = ("int8", "int4")
 #: Input channels per int4 scale / zero point (the kernels take 32, 64, 128 or 256; 32 divides every width
 #: in the zoo, e.g. SmolLM2's 576, which 128 does not).
@@ -71,7 +71,7 @@ class QuantizationConfig(Config):
     ``mode`` applies to the linear layers of the decoder blocks, except those whose names end with one of
     ``int8_layers``, which are int8; ``embedding`` to the token-embedding table (which a tied LM head
     shares) and to an untied LM head. ``group_size`` (int4 only): consecutive input channels sharing one scale and zero.
-    The stored layout is described in `tinyvlm.quantize`; `for_mode` gives what ``quantize=`` means.
+    The stored layout is described in `tinyvlm.inference.quantize`; `for_mode` gives what ``quantize=`` means.
     """
 
     family: ClassVar[str] = "quantization"
@@ -168,7 +168,7 @@ class Options(BaseModel):
 class RuntimeOptions(Options):
     """How a command runs its model, shared by every command that runs one (``generate``, ``eval``, ``serve``,
     ``train``): the flags ``--quantize`` and ``--threads``. The defaults are fp32 weights as stored (exact) and
-    an automatic thread count (`tinyvlm.threads`)."""
+    an automatic thread count (`tinyvlm.inference.threads`)."""
 
     quantize: Literal["int8", "int4"] | None = Field(
         None, description="weight-only quantization of the decoder, applied while its checkpoint is read: int8 or "

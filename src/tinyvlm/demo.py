@@ -128,7 +128,7 @@ def build_demo_vlm(tokenizer: "Tokenizer", seed: int) -> "VLM":
     ``tokenizer`` and the decoder's vocabulary sized to it."""
     import torch
 
-    from tinyvlm.vlm.building import build_vlm
+    from tinyvlm.api import build_vlm
     from tinyvlm.vlm.model import VLM
 
     torch.manual_seed(seed)
@@ -169,7 +169,7 @@ def run_demo(
     ``threads`` is fixed (not tuned per step as ``train`` does by default): another count sums the products in
     another order, which after the demo's steps is another model, and the demo's figure is published."""
     from tinyvlm.errors import ConfigError
-    from tinyvlm.threads import check_threads
+    from tinyvlm.inference.threads import check_threads
 
     check_threads(threads)  # before any work
     folder = Path(output)
@@ -196,9 +196,9 @@ def run_demo(
 def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool, threads: int) -> DemoResult:
     from tinyvlm.data import read_records, split_records
     from tinyvlm.training.checkpoints import checkpoint_dirs
-    from tinyvlm.threads import set_threads
+    from tinyvlm.inference.threads import set_threads
     from tinyvlm.training.loop import FINAL, normalize_answer, train
-    from tinyvlm.vlm.building import load_vlm
+    from tinyvlm.api import load_vlm
 
     set_threads(threads)
     began = time.perf_counter()

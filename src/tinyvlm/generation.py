@@ -156,7 +156,7 @@ def _token_steps(
     generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
     seen: Tensor | None = None  # [B, V]: ids present so far (repetition penalty)
 
-    # inference mode (and the step's thread count, see tinyvlm.threads) is entered per step, not around the
+    # inference mode (and the step's thread count, see tinyvlm.inference.threads) is entered per step, not around the
     # yields (a generator would leak it into the caller)
     with model.thread_tuner("prefill").step(B * T), torch.inference_mode():
         hidden = model.hidden_states(

@@ -273,7 +273,7 @@ class FusedLinears:
     @staticmethod
     def of(owner: nn.Module, names: tuple[str, ...]) -> "FusedLinears | None":
         """Fuse ``owner``'s layers ``names`` (in place, see the class docstring); None when no two can be."""
-        from tinyvlm.quantize import QuantizedLinear, stack_rows
+        from tinyvlm.inference.quantize import QuantizedLinear, stack_rows
 
         parts = [getattr(owner, name) for name in names]
         groups: list[tuple[Any, list[int]]] = []
@@ -308,7 +308,7 @@ class FusedLinears:
 
 def _fusable_kind(module: nn.Module) -> tuple | None:
     """What must match for layers to share a product; None for a layer that keeps its own."""
-    from tinyvlm.quantize import QuantizedLinear
+    from tinyvlm.inference.quantize import QuantizedLinear
 
     if module._forward_hooks or module._forward_pre_hooks:
         return None

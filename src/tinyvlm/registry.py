@@ -37,8 +37,8 @@ FAMILY_MODULES: tuple[str, ...] = (
     "tinyvlm.decoders.llama",
     "tinyvlm.decoders.gemma3",
     "tinyvlm.vlm.recipes",
-    "tinyvlm.pretrained.smolvlm",
-    "tinyvlm.pretrained.nanovlm",
+    "tinyvlm.formats.smolvlm",
+    "tinyvlm.formats.nanovlm",
 )
 
 INDEX_PATH = Path(__file__).with_name("zoo.json")

@@ -74,7 +74,7 @@ class KeyMap:
 
 
 class TensorFiller(Protocol):
-    """Takes over the loading of some of a module's tensors (`tinyvlm.quantize.LoadQuantizer`): `claims`
+    """Takes over the loading of some of a module's tensors (`tinyvlm.inference.quantize.LoadQuantizer`): `claims`
     says which (by module tensor name); `fill` reads one from its rows in the file and puts it in place."""
 
     def claims(self, target: str) -> bool: ...

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyvlm.data.sources import SourceSpec, open_rows, parse_source
+from tinyvlm.data.readers import SourceSpec, open_rows, parse_source
 from tinyvlm.errors import DataError
 
 from writers import cauldron_rows, dataset, write_parquet, write_raw_parquet

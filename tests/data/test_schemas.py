@@ -11,7 +11,7 @@ from PIL import Image
 
 from tinyvlm.data.records import EncodedImage, open_image
 from tinyvlm.data.schemas import RatingFilter, check_filters, detect_schema, image_ref
-from tinyvlm.data.sources import open_rows, parse_source
+from tinyvlm.data.readers import open_rows, parse_source
 from tinyvlm.errors import DataError
 
 from writers import ROWS, cauldron_rows, finevision_rows, write_parquet

@@ -11,7 +11,7 @@ import pytest
 
 from tinyvlm.data.records import Example
 from tinyvlm.data.schemas import RatingFilter
-from tinyvlm.data.sources import open_rows, parse_source
+from tinyvlm.data.readers import open_rows, parse_source
 from tinyvlm.data.stream import Mixture, RecordSource, RowSource, StepBatches, held_out, held_out_rows
 from tinyvlm.errors import DataError
 

@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (`tinyvlm.lora.adapter`): fewer trainable parameters, files in peft's own
+"""LoRA adapters through peft (`tinyvlm.interop.lora`): fewer trainable parameters, files in peft's own
 format read by peft and read from peft, bit-identical round trips, merges equal to base + delta, errors."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import tinyvlm
 from tinyvlm.errors import ConfigError, WeightsError
-from tinyvlm.lora.adapter import (
+from tinyvlm.interop.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     add_lora,
@@ -26,7 +26,7 @@ from tinyvlm.lora.adapter import (
     merge_adapter,
     save_adapter,
 )
-from tinyvlm.lora.settings import LoraSettings
+from tinyvlm.interop.lora_settings import LoraSettings
 
 peft = pytest.importorskip("peft")
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import tinyvlm
 from tinyvlm.demo import make_shapes_dataset
 from tinyvlm.errors import ConfigError
-from tinyvlm.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_layers
+from tinyvlm.interop.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_layers
 from tinyvlm.training.config import make_config
 
 pytest.importorskip("peft")

@@ -1,7 +1,7 @@
-"""QLoRA composition (`tinyvlm.lora.quantized`): LoRA on a base whose linears are weight-only quantized layers
+"""QLoRA composition (`tinyvlm.interop.qlora`): LoRA on a base whose linears are weight-only quantized layers
 (not ``nn.Linear``). The quantized layer here is a stand-in with the interface of one (int8 weights with
 per-output-channel scales, ``in_features`` / ``out_features``); the adapter trains, saves and loads on it.
-The last tests run the same on tinyvlm's own int8 / int4 (`tinyvlm.quantize`), through ``tinyvlm train``."""
+The last tests run the same on tinyvlm's own int8 / int4 (`tinyvlm.inference.quantize`), through ``tinyvlm train``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from torch import nn
 
 import tinyvlm
 from tinyvlm.errors import ConfigError
-from tinyvlm.lora.adapter import add_lora, lora_layers, merge_adapter, save_adapter
-from tinyvlm.lora.settings import LoraSettings
+from tinyvlm.interop.lora import add_lora, lora_layers, merge_adapter, save_adapter
+from tinyvlm.interop.lora_settings import LoraSettings
 
 pytest.importorskip("peft")
 
@@ -107,7 +107,7 @@ def test_lora_trains_saves_and_loads_on_a_quantized_base(base: Path, tmp_path: P
 
     folder = save_adapter(q, tmp_path / "adapter")
     again = quantized(fp)  # a fresh quantized base
-    from tinyvlm.lora.adapter import load_adapter
+    from tinyvlm.interop.lora import load_adapter
 
     load_adapter(again, folder)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_lora_trains_saves_and_loads_on_a_quantized_base(base: Path, tmp_path: P
 
 
 def test_quantized_weights_do_not_export(base: Path, tmp_path: Path) -> None:
-    from tinyvlm.export import save_hf_decoder, save_idefics3
+    from tinyvlm.interop.transformers import save_hf_decoder, save_idefics3
 
     q = quantized(tinyvlm.load_vlm(base))
     with pytest.raises(ConfigError, match=r"linears are quantized \(Int8Linear\)"):
@@ -188,8 +188,8 @@ def test_qlora_command_on_a_quantized_base(mode: str, base: Path, shapes: Path, 
     from safetensors.torch import load_file
 
     from tinyvlm.cli import main
-    from tinyvlm.lora.quantized import QuantLoraLinear
-    from tinyvlm.quantize import QuantizedLinear
+    from tinyvlm.interop.qlora import QuantLoraLinear
+    from tinyvlm.inference.quantize import QuantizedLinear
 
     run = tmp_path / "run"
     assert main(["train", "--model", str(base), "--data", str(shapes), "--output", str(run), "--lora", "8",

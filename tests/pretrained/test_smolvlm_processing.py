@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from twins import hf_processor, write_smolvlm_processor_files  # noqa: E402
 
-from tinyvlm.pretrained.smolvlm_processing import CHAT_TEMPLATE, SmolVLMImageSplitter, image_prompt  # noqa: E402
+from tinyvlm.processing.splitting import CHAT_TEMPLATE, SmolVLMImageSplitter, image_prompt  # noqa: E402
 
 pytest.importorskip("transformers")
 

@@ -1,6 +1,6 @@
 """Training and evaluation data, in layers:
 
-* `tinyvlm.data.sources`: source strings (files, folders, ``hf-dataset:ORG/NAME``) -> rows (torch-free;
+* `tinyvlm.data.readers`: source strings (files, folders, ``hf-dataset:ORG/NAME``) -> rows (torch-free;
   ``datasets`` imported only for dataset sources);
 * `tinyvlm.data.schemas`: rows -> `Record`s, the layout recognised from the columns (the_cauldron,
   FineVision with its rating filters, LLaVA, messages);
@@ -24,7 +24,7 @@ _LAZY = {
         "IGNORE_INDEX", "IMAGE_TAG", "Batch", "EncodedImage", "Example", "ImageRef", "Record", "TooLong", "collate",
         "encode_record", "encode_records", "open_image", "pack", "parse_record", "read_records", "split_records",
     )},
-    **{name: "tinyvlm.data.sources" for name in ("SourceSpec", "Rows", "open_rows", "parse_source")},
+    **{name: "tinyvlm.data.readers" for name in ("SourceSpec", "Rows", "open_rows", "parse_source")},
     **{name: "tinyvlm.data.schemas" for name in ("RatingFilter", "Schema", "detect_schema")},
     **{name: "tinyvlm.data.stream" for name in ("Mixture", "RecordSource", "RowSource", "StepBatches")},
     **{name: "tinyvlm.data.loading" for name in ("Collator", "MicroBatch", "SampleMaker")},
@@ -43,5 +43,5 @@ if TYPE_CHECKING:
         encode_records, open_image, pack, parse_record, read_records, split_records,
     )
     from tinyvlm.data.schemas import RatingFilter, Schema, detect_schema
-    from tinyvlm.data.sources import Rows, SourceSpec, open_rows, parse_source
+    from tinyvlm.data.readers import Rows, SourceSpec, open_rows, parse_source
     from tinyvlm.data.stream import Mixture, RecordSource, RowSource, StepBatches

@@ -33,7 +33,7 @@ import torch
 
 from tinyvlm.data.records import Example, Record
 from tinyvlm.data.schemas import RatingFilter, detect_schema
-from tinyvlm.data.sources import RowReader, Rows
+from tinyvlm.data.readers import RowReader, Rows
 from tinyvlm.errors import DataError
 
 #: What the stream hands to the loader: a pre-encoded example (JSONL / JSON files) or a record to encode.

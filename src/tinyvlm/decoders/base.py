@@ -16,8 +16,8 @@ from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
 from tinyvlm.generation import SamplingConfig, generate_tokens
 from tinyvlm.layers import decoding_layout_is_column_major, split_linear
-from tinyvlm.quantize import QuantizedEmbedding, QuantizedMatrix
-from tinyvlm.threads import ThreadTuner
+from tinyvlm.inference.quantize import QuantizedEmbedding, QuantizedMatrix
+from tinyvlm.inference.threads import ThreadTuner
 
 
 @dataclass
@@ -254,7 +254,7 @@ class TransformerDecoder(Decoder):
         (k, v, o, down) faster row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest
         row-major throughout.
 
-        Quantized matrices (`tinyvlm.quantize`) take the layout their kernels read (int4: tiled; an int8 LM
+        Quantized matrices (`tinyvlm.inference.quantize`) take the layout their kernels read (int4: tiled; an int8 LM
         head on CPU: nibbles). Then the products that read the same input, q/k/v and gate/up, are fused into
         one matrix each (`tinyvlm.layers.FusedLinears`: the parts' weights become views of it).
         """
@@ -349,11 +349,11 @@ class TransformerDecoder(Decoder):
     def save_pretrained(self, folder: str | Path, layout: Literal["transformers"] = "transformers",
                         tokenizer: Any = None) -> Path:
         """Write the decoder as a transformers causal-LM folder (its family's ``LlamaForCausalLM`` /
-        ``Gemma3ForCausalLM``, with the ``tokenizer`` when given), atomically: `tinyvlm.export.save_hf_decoder`.
+        ``Gemma3ForCausalLM``, with the ``tokenizer`` when given), atomically: `tinyvlm.interop.transformers.save_hf_decoder`.
         Decoders have no other layout (tinyvlm reads theirs)."""
         if layout != "transformers":
             raise ConfigError(f"layout={layout!r}: a decoder is saved in the 'transformers' layout")
-        from tinyvlm.export import save_hf_decoder
+        from tinyvlm.interop.transformers import save_hf_decoder
 
         return save_hf_decoder(self, folder, tokenizer)
 

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from tinyvlm.config import Config
-    from tinyvlm.image import ImageTransform
+    from tinyvlm.processing.image import ImageTransform
 
 
 class Encoder(nn.Module):

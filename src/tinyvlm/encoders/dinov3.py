@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tinyvlm.config import Config, check_activation, require
 from tinyvlm.encoders.base import Encoder
 from tinyvlm.errors import ConfigError
-from tinyvlm.image import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from tinyvlm.processing.image import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from tinyvlm.layers import MLP, GatedMLP, LayerScale, SelfAttention
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap

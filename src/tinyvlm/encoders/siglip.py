@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tinyvlm.config import Config, check_activation, require
 from tinyvlm.encoders.base import Encoder
 from tinyvlm.errors import ConfigError
-from tinyvlm.image import HALF, ImageTransform
+from tinyvlm.processing.image import HALF, ImageTransform
 from tinyvlm.layers import MLP, SelfAttention
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap

@@ -66,7 +66,7 @@ class TinyVLMModel(lmms):
                 "dtype and max_new_tokens (and lmms-eval's --device / --batch_size)"
             )
         from tinyvlm.devices import check_device, default_device
-        from tinyvlm.vlm.building import open_vlm
+        from tinyvlm.api import open_vlm
 
         try:
             self.batch_size = int(batch_size)  # a string from lmms-eval's CLI

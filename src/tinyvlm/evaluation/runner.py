@@ -49,7 +49,7 @@ def evaluate(
     first N samples of each task. ``max_new_tokens`` replaces the tasks' own limits. ``log_samples`` adds
     every sample's prompt, answer, reference and score. ``progress``: a progress line on stderr.
     ``quantize`` (``"int8"`` / ``"int4"``, a model given by name) quantizes its decoder as it is read;
-    ``threads``: intra-op CPU threads (default: automatic, `tinyvlm.threads`).
+    ``threads``: intra-op CPU threads (default: automatic, `tinyvlm.inference.threads`).
     """
     chosen = parse_tasks(tasks)
     if (data is not None or split is not None) and len(chosen) > 1:
@@ -59,7 +59,7 @@ def evaluate(
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    from tinyvlm.threads import set_threads
+    from tinyvlm.inference.threads import set_threads
 
     set_threads(threads)
     vlm, model_name = _open(model, device, quantize)
@@ -152,7 +152,7 @@ def _open(model: Any, device: str | None, quantize: str | None) -> tuple[Any, st
     """The VLM to evaluate and the name the results give it."""
     if isinstance(model, (str, Path)):
         from tinyvlm.devices import check_device, default_device
-        from tinyvlm.vlm.building import open_vlm
+        from tinyvlm.api import open_vlm
 
         vlm = open_vlm(str(model), device=check_device(device) or default_device(), quantize=quantize)
         return vlm.prepare_for_inference(), str(model)
@@ -160,7 +160,7 @@ def _open(model: Any, device: str | None, quantize: str | None) -> tuple[Any, st
         raise ConfigError("device applies to a model given by name; move a loaded VLM with .to(device) first")
     if quantize is not None:
         raise ConfigError("quantize applies to a model given by name; quantize a loaded VLM with "
-                          "tinyvlm.quantize.quantize_model(vlm, mode) first")
+                          "tinyvlm.inference.quantize.quantize_model(vlm, mode) first")
     from tinyvlm.vlm.model import VLM
 
     if not isinstance(model, VLM):

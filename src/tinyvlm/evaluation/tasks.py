@@ -105,7 +105,7 @@ def task_rows(source: str, split: str | None, *, default_split: str) -> "Rows":
     """The rows of ``split`` (None: ``default_split``) of a dataset source, read by `tinyvlm.data`. A parquet
     file holds one split (``datasets`` names it ``train``): it is read whole, and naming a split for it is a
     `ConfigError`."""
-    from tinyvlm.data.sources import open_rows, parse_source
+    from tinyvlm.data.readers import open_rows, parse_source
 
     spec = parse_source(source)
     if spec.is_records_file:
@@ -293,7 +293,7 @@ class ExactMatch(Task):
     def samples(self, source: str | None = None, split: str | None = None) -> Samples:
         from tinyvlm.data.records import read_records
         from tinyvlm.data.schemas import RatingFilter
-        from tinyvlm.data.sources import parse_source
+        from tinyvlm.data.readers import parse_source
         from tinyvlm.data.stream import held_out_rows
 
         spec = parse_source(self._source(source))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tinyvlm.processor import IMAGE_PLACEHOLDER
+from tinyvlm.processing.processor import IMAGE_PLACEHOLDER
 
 #: Error ``type`` per HTTP status. ``code`` is the status itself, as vLLM and llama.cpp's servers write it.
 ERROR_TYPES = {

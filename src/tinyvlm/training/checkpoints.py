@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError
-from tinyvlm.lora.adapter import ADAPTER_WEIGHTS, has_adapter, load_adapter_weights, write_adapter_files
+from tinyvlm.interop.lora import ADAPTER_WEIGHTS, has_adapter, load_adapter_weights, write_adapter_files
 from tinyvlm.training.config import RESUMABLE_CHANGES, TrainConfig
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tinyvlm.config import RuntimeOptions
 from tinyvlm.errors import ConfigError, DataError
-from tinyvlm.lora.settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_PARTS, TARGETS, LoraSettings, parse_names
+from tinyvlm.interop.lora_settings import DEFAULT_PARTS, DEFAULT_TARGETS, PARTS as LORA_PARTS, TARGETS, LoraSettings, parse_names
 
 PARTS = ("encoder", "projector", "decoder")
 #: Fields that may change when resuming without changing the trajectory.
@@ -141,7 +141,7 @@ class TrainConfig(RuntimeOptions):
     @field_validator("data", "val_data")
     @classmethod
     def _parseable(cls, value: Any) -> Any:
-        from tinyvlm.data.sources import parse_source
+        from tinyvlm.data.readers import parse_source
 
         for text in [value] if isinstance(value, str) else value or []:
             try:

@@ -15,7 +15,7 @@ import numpy as np
 
 from tinyvlm.data.records import Record, encode_records, read_records, split_records
 from tinyvlm.data.schemas import RatingFilter, check_filters
-from tinyvlm.data.sources import SourceSpec, open_rows, parse_source
+from tinyvlm.data.readers import SourceSpec, open_rows, parse_source
 from tinyvlm.data.stream import Item, Mixture, RecordSource, RowSource, Source, StepBatches, held_out_rows, stable_seed
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.training.config import TrainConfig

@@ -13,7 +13,7 @@ The loop, in order of what happens at each optimizer step ``s``:
 * gradients are clipped, AdamW steps, and every ``checkpoint_every`` steps rank 0 writes model, optimizer,
   RNG states and step to a temporary folder that is then renamed into place.
 
-With ``lora`` (a rank), the ``lora_parts`` get peft LoRA layers (`tinyvlm.lora.adapter.add_lora`): their base
+With ``lora`` (a rank), the ``lora_parts`` get peft LoRA layers (`tinyvlm.interop.lora.add_lora`): their base
 weights stay frozen, the adapters and the parts in ``train`` are trained, and checkpoints and the final save
 hold the adapter alone (``adapter/``: peft's files), which applies to the base named by ``model``.
 
@@ -43,7 +43,7 @@ from tinyvlm.training.checkpoints import (
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
-from tinyvlm.threads import StepSize, ThreadTuner, set_threads
+from tinyvlm.inference.threads import StepSize, ThreadTuner, set_threads
 from tinyvlm.training.inputs import Held, open_data, prepare_data
 from tinyvlm.training.plot import curves_after_run
 from tinyvlm.training.progress import MetricsLog, Progress
@@ -76,12 +76,12 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: flo
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """The VLM to train, in float32 (the optimizer's master weights), on ``device``, in the training layout;
     its decoder quantized with ``config.quantize`` (QLoRA: the quantized weights stay frozen)."""
-    from tinyvlm.vlm.building import build_vlm, open_vlm
+    from tinyvlm.api import build_vlm, open_vlm
 
     torch.manual_seed(config.seed)  # random-init parts are the same in every process and every resume
     lora = config.lora_settings
     if lora is not None:
-        from tinyvlm.lora.adapter import add_lora, rebuildable_base
+        from tinyvlm.interop.lora import add_lora, rebuildable_base
 
         base, revision = rebuildable_base(config.model, pretrained=config.pretrained, full_parts=config.parts)
     if config.encoder is not None:
@@ -314,7 +314,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         return {"too_long": too_long, "filtered_rows": counts["filtered_rows"], "dropped_turns": counts["dropped_turns"]}
 
     # One process on the CPU: each whole step (loading, forward, backward, optimizer: the optimizer's many small
-    # per-tensor ops are parallel regions too) runs at all threads or one, whichever is faster now (tinyvlm.threads).
+    # per-tensor ops are parallel regions too) runs at all threads or one, whichever is faster now (tinyvlm.inference.threads).
     tuned = processes.device.type == "cpu" and processes.world_size == 1
     step_threads = ThreadTuner().step if tuned else (lambda: contextlib.nullcontext(StepSize()))
     filler = filler_batch(processor).to(processes.device) if processes.world_size > 1 else None
@@ -402,7 +402,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         progress.result(curves_after_run(output))
     metrics.close()
     if lora is not None:
-        from tinyvlm.lora.adapter import save_adapter
+        from tinyvlm.interop.lora import save_adapter
 
         adapter_dir = output / ADAPTER
         if processes.main:

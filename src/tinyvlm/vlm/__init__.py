@@ -2,7 +2,7 @@
 
 * `tinyvlm.vlm.config`: `VLMConfig` and its records (torch-free);
 * `tinyvlm.vlm.model`: the `VLM` module (forward, generation) and how parts are fitted together;
-* `tinyvlm.vlm.building`: `build_vlm`, `load_vlm`, `open_vlm` (names -> VLMs);
+* `tinyvlm.api`: `build_vlm`, `load_vlm`, `open_vlm` (names -> VLMs);
 * `tinyvlm.vlm.files`: atomic saving, ``push_to_hub``, the model card;
 * `tinyvlm.vlm.recipes`: tinyvlm's own layout family and the recipe zoo entries.
 
@@ -19,9 +19,9 @@ _LAZY = {
     "VLM": "tinyvlm.vlm.model",
     "VLMOutput": "tinyvlm.vlm.model",
     "VLMConfig": "tinyvlm.vlm.config",
-    "build_vlm": "tinyvlm.vlm.building",
-    "load_vlm": "tinyvlm.vlm.building",
-    "open_vlm": "tinyvlm.vlm.building",
+    "build_vlm": "tinyvlm.api",
+    "load_vlm": "tinyvlm.api",
+    "open_vlm": "tinyvlm.api",
 }
 
 __all__ = list(_LAZY)
@@ -31,6 +31,6 @@ __getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 if TYPE_CHECKING:
-    from tinyvlm.vlm.building import build_vlm, load_vlm, open_vlm
+    from tinyvlm.api import build_vlm, load_vlm, open_vlm
     from tinyvlm.vlm.config import VLMConfig
     from tinyvlm.vlm.model import VLM, VLMOutput

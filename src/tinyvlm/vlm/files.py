@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError, TinyVLMError
 from tinyvlm.hub import HF_HUB, LOCAL_DIR, push_folder
-from tinyvlm.lora.adapter import has_adapter
+from tinyvlm.interop.lora import has_adapter
 from tinyvlm.vlm.config import MODEL_TYPE, PartRecord, VLMConfig
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ def save_vlm(vlm: "VLM", folder: Path, *, tensors: dict[str, Tensor] | None = No
     if vlm.tokenizer is None:
         raise ConfigError("this VLM has no tokenizer to save; build it with build_vlm or load_vlm")
     if has_adapter(vlm):
-        raise ConfigError("this VLM carries a LoRA adapter: save the adapter alone (tinyvlm.lora.adapter.save_adapter) "
-                          "or merge it into the weights first (tinyvlm.lora.adapter.merge_adapter, tinyvlm merge)")
+        raise ConfigError("this VLM carries a LoRA adapter: save the adapter alone (tinyvlm.interop.lora.save_adapter) "
+                          "or merge it into the weights first (tinyvlm.interop.lora.merge_adapter, tinyvlm merge)")
     if folder.exists() and any(folder.iterdir()) and not is_model_folder(folder):
         raise ConfigError(f"{folder} exists and is not a tinyvlm model folder; refusing to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.generation import SamplingConfig, TextStream, generate_tokens, stop_ids
-from tinyvlm.processor import IGNORE_INDEX, Processor, is_single_prompt
+from tinyvlm.processing.processor import IGNORE_INDEX, Processor, is_single_prompt
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig, check_factor, default_factor
 from tinyvlm.registry import get_config, get_family
 from tinyvlm.vlm import files
@@ -92,7 +92,7 @@ class VLM(nn.Module):
         device: torch.device | str | None = None,
     ) -> "VLM":
         """`tinyvlm.load_vlm` under the name transformers users reach for."""
-        from tinyvlm.vlm.building import load_vlm  # the loader builds VLMs, so it imports this module
+        from tinyvlm.api import load_vlm  # the loader builds VLMs, so it imports this module
 
         return load_vlm(name, adapter=adapter, dtype=dtype, device=device)
 
@@ -272,10 +272,10 @@ class VLM(nn.Module):
     def save_pretrained(self, folder: str | Path, layout: Literal["tinyvlm", "transformers"] = "tinyvlm") -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``folder``, atomically
         (a temporary folder next to it, renamed into place once complete). ``layout="transformers"`` writes
-        transformers' Idefics3 layout instead (`tinyvlm.export.save_idefics3`: SigLIP + Llama +
+        transformers' Idefics3 layout instead (`tinyvlm.interop.transformers.save_idefics3`: SigLIP + Llama +
         pixel-shuffle-linear VLMs with the smolvlm token layout)."""
         if layout == "transformers":
-            from tinyvlm.export import save_idefics3
+            from tinyvlm.interop.transformers import save_idefics3
 
             return save_idefics3(self, folder)
         if layout != "tinyvlm":

@@ -7,11 +7,28 @@ module's own names.
 
 from __future__ import annotations
 
+from tinyvlm.errors import ConfigError
 from tinyvlm.registry import Family, register_family, register_model
-from tinyvlm.vlm.building import read_tinyvlm
+from tinyvlm.sources import Source
+from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vlm.config import MODEL_TYPE, ImageTokenConfig, VLMConfig
 from tinyvlm.vlm.model import VLM
 from tinyvlm.weights import KeyMap
+
+
+def read_tinyvlm(source: Source) -> tuple[VLMConfig, Tokenizer]:
+    """tinyvlm's own layout (`VLM.save_pretrained`): ``config.json`` is the `VLMConfig`; the tokenizer's
+    image-token ids must be those it records."""
+    config = VLMConfig.from_hf(source.config_json())
+    if config.parts is None:
+        raise ConfigError(f"{source.name}: config.json is a recipe, not a saved model; build it with tinyvlm.build_vlm")
+    tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
+    tokens = config.image_tokens
+    found = [tokenizer.token_to_id(t) for t in [*tokens.marker_tokens(), tokens.image_token]]
+    expected = [*config.parts.marker_token_ids, config.parts.image_token_id]
+    if found != expected:
+        raise ConfigError(f"{source.name}: the tokenizer's image-token ids {found} differ from config.json's {expected}")
+    return config, tokenizer
 
 
 def key_map(config: VLMConfig) -> KeyMap:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from PIL import Image
 from torch import Tensor
 
-from tinyvlm.image import HALF, ImageTransform, to_rgb
+from tinyvlm.processing.image import HALF, ImageTransform, to_rgb
 from tinyvlm.vlm.config import SMOLVLM_WRAP_TOKEN
 
 FAKE_TOKEN = SMOLVLM_WRAP_TOKEN

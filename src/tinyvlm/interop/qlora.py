@@ -9,11 +9,11 @@ quantized and frozen. What it cannot do is fold ``B A`` into integer weights: an
 base is merged into the full-precision base (``tinyvlm merge`` loads it unquantized).
 
 A base layer qualifies when it has integer ``in_features`` and ``out_features`` and computes ``x W^T (+ b)``
-(`tinyvlm.lora.adapter.is_linear`; `tinyvlm.lora.adapter.register_quantized_layers` registers this class for
+(`tinyvlm.interop.lora.is_linear`; `tinyvlm.interop.lora.register_quantized_layers` registers this class for
 it). Training needs every quantized layer on the backward path (adapted or not, the LM head included) to pass
 gradients to its input, ``dx = dy W``, although its quantized kernel has no derivative: tinyvlm's own
-(`tinyvlm.quantize`, ``load_vlm(..., quantize=)``, ``tinyvlm train --lora R --quantize int8``) do it with
-`tinyvlm.quantize.FrozenProduct`.
+(`tinyvlm.inference.quantize`, ``load_vlm(..., quantize=)``, ``tinyvlm train --lora R --quantize int8``) do it with
+`tinyvlm.inference.quantize.FrozenProduct`.
 """
 
 from __future__ import annotations

@@ -109,11 +109,11 @@ def idefics3_problems(vlm: "VLM") -> list[str]:
 
 def weight_problems(module: nn.Module) -> list[str]:
     """Weights that transformers' layouts cannot hold: an unmerged LoRA adapter, quantized linears."""
-    from tinyvlm.lora.adapter import has_adapter, quantized_linear_types
+    from tinyvlm.interop.lora import has_adapter, quantized_linear_types
 
     problems = []
     if has_adapter(module):
-        problems.append("it carries a LoRA adapter: merge it first (tinyvlm merge, or tinyvlm.lora.adapter.merge_adapter)")
+        problems.append("it carries a LoRA adapter: merge it first (tinyvlm merge, or tinyvlm.interop.lora.merge_adapter)")
     quantized = sorted(kind.__name__ for kind in quantized_linear_types(module))
     if quantized:
         problems.append(f"its linears are quantized ({', '.join(quantized)}): export the full-precision model")
@@ -121,7 +121,7 @@ def weight_problems(module: nn.Module) -> list[str]:
 
 
 def idefics3_key(key: str) -> str:
-    """A tinyvlm VLM tensor name -> transformers' Idefics3 name (the inverse of `tinyvlm.pretrained.smolvlm`'s
+    """A tinyvlm VLM tensor name -> transformers' Idefics3 name (the inverse of `tinyvlm.formats.smolvlm`'s
     key map, which reads it back)."""
     rules = (
         (r"encoder\.layers\.(\d+)\.self_attn\.o_proj\.(.+)", r"model.vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
@@ -279,10 +279,10 @@ def _write(folder: Path, tensors: dict[str, Tensor], files: dict[str, Any], toke
 def export(name: str, folder: str | Path) -> tuple[str, Path]:
     """``tinyvlm export NAME DIR``: a VLM (saved, trained, or a recipe) as Idefics3, a decoder as a plain
     causal LM. Returns the kind exported and the folder."""
-    from tinyvlm.factory import build_part
+    from tinyvlm.api import build_part
     from tinyvlm.registry import family_for_config
     from tinyvlm.sources import resolve
-    from tinyvlm.vlm.building import build_vlm, read_vlm
+    from tinyvlm.api import build_vlm, read_vlm
 
     source = resolve(name)
     if source.spec is not None:

@@ -13,7 +13,7 @@ tinyvlm's ``siglip`` encoder + ``pixel-shuffle-linear`` projector + ``llama`` de
 * the vision embeddings: Idefics3 picks position ids by bucketing fractional patch coordinates, which is the
   identity for the full-size square tiles its image processor always produces (every view is resized or cut
   to exactly ``max_image_size``), so the plain SigLIP table lookup is exact;
-* the image splitting, token layout and chat format are `tinyvlm.pretrained.smolvlm_processing`, used by the
+* the image splitting, token layout and chat format are `tinyvlm.processing.splitting`, used by the
   processor's ``smolvlm`` layout.
 
 SmolVLM2 (``model_type: smolvlm``) has the same image path; its video path is not implemented (videos are
@@ -31,7 +31,7 @@ from tinyvlm.decoders.llama import LlamaConfig
 from tinyvlm.encoders.siglip import SiglipConfig
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import RopeConfig
-from tinyvlm.pretrained.smolvlm_processing import CHAT_TEMPLATE, GLOBAL_TOKEN, IMAGE_TOKEN
+from tinyvlm.processing.splitting import CHAT_TEMPLATE, GLOBAL_TOKEN, IMAGE_TOKEN
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.sources import Source

@@ -15,7 +15,7 @@ methods and its module names; each target ``nn.Linear`` becomes a peft ``lora.Li
 
 So ``PeftModel.from_pretrained(vlm, folder)`` reads a tinyvlm adapter, and `load_adapter` reads an adapter
 that peft saved for a tinyvlm VLM. On a quantized base (QLoRA) the target layers are not ``nn.Linear``; they
-get `tinyvlm.lora.quantized.QuantLoraLinear`, peft's LoRA layer registered for their type. `merge_adapter` folds ``W + scale * B A`` into each base layer
+get `tinyvlm.interop.qlora.QuantLoraLinear`, peft's LoRA layer registered for their type. `merge_adapter` folds ``W + scale * B A`` into each base layer
 (``scale = alpha / r``, or ``alpha / sqrt(r)`` with rslora) and removes the LoRA layers.
 """
 
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError, WeightsError
-from tinyvlm.lora.settings import LoraSettings, target_pattern
+from tinyvlm.interop.lora_settings import LoraSettings, target_pattern
 from tinyvlm.weights import open_safetensors
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def is_lora_layer(module: nn.Module) -> bool:
 def adapter_config(vlm: nn.Module) -> Any:
     """The peft `LoraConfig` of the VLM's adapter."""
     if not has_adapter(vlm):
-        raise ConfigError("this VLM has no LoRA adapter (add one with tinyvlm.lora.adapter.add_lora or load_vlm(..., adapter=))")
+        raise ConfigError("this VLM has no LoRA adapter (add one with tinyvlm.interop.lora.add_lora or load_vlm(..., adapter=))")
     return vlm.peft_config[ADAPTER_NAME]
 
 
@@ -109,7 +109,7 @@ def add_lora(
     ``base_revision`` are recorded in ``adapter_config.json`` (``base_model_name_or_path``, ``revision``)."""
     peft = require_peft()
     if has_adapter(vlm):
-        raise ConfigError("this VLM already has a LoRA adapter; merge it first (tinyvlm.lora.adapter.merge_adapter)")
+        raise ConfigError("this VLM already has a LoRA adapter; merge it first (tinyvlm.interop.lora.merge_adapter)")
     overlap = sorted(set(full_parts) & set(settings.parts))
     if overlap:
         raise ConfigError(f"{', '.join(overlap)}: a part is either trained in full or adapted with LoRA, not both")
@@ -191,7 +191,7 @@ def register_quantized_layers(config: Any, vlm: nn.Module) -> None:
     """Give the quantized linears of ``vlm`` (if any) peft's LoRA layer, registered in ``config`` by type."""
     kinds = quantized_linear_types(vlm)
     if kinds:
-        from tinyvlm.lora.quantized import QuantLoraLinear
+        from tinyvlm.interop.qlora import QuantLoraLinear
 
         config._register_custom_module({kind: QuantLoraLinear for kind in kinds})
 
@@ -295,7 +295,7 @@ def load_adapter(vlm: "VLM", folder: str | Path) -> "VLM":
     result is frozen (``requires_grad`` False), in eval mode, with the adapter unmerged."""
     peft = require_peft()
     if has_adapter(vlm):
-        raise ConfigError("this VLM already has a LoRA adapter; merge it first (tinyvlm.lora.adapter.merge_adapter)")
+        raise ConfigError("this VLM already has a LoRA adapter; merge it first (tinyvlm.interop.lora.merge_adapter)")
     config = read_adapter_config(folder)
     parts = list(config.modules_to_save or [])
     injected = copy.deepcopy(config)

@@ -1,7 +1,7 @@
 """The products of one decoding step, kernel by kernel: how fast each of PyTorch's CPU kernels streams a
 decoder's weights at batch 1, and what that leaves for everything else.
 
-    python benchmarks/kernels.py [--model gemma-3-270m|smollm2-135m] [--threads 2] [--rounds 5] [--rows 1 8 ...]
+    python benchmarks/matmul_kernels.py [--model gemma-3-270m|smollm2-135m] [--threads 2] [--rounds 5] [--rows 1 8 ...]
 
 For the model's shapes (every linear layer of every block, each its own matrix so that they are read from
 memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input row is multiplied by:
@@ -10,7 +10,7 @@ memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input r
   one row's product spread over the threads);
 * ``int8 kernel``: ``aten._weight_int8pack_mm`` (per-row scales, bf16 input);
 * ``int8 nibbles``: the same int8 values through ``aten._weight_int4pack_mm_for_cpu`` as ``16 h + l``
-  (tinyvlm's prepared CPU int8 layout, see tinyvlm/quantize.py);
+  (tinyvlm's prepared CPU int8 layout, see tinyvlm/inference/quantize.py);
 * ``int4``: ``aten._weight_int4pack_mm_for_cpu``, group 128;
 * ``int8 inductor``: what ``torch.compile`` (Inductor, default mode) generates for the product written out,
   ``(x * W.float()).sum(-1) * s`` (the form that compiled fastest of those tried; a ``max-autotune`` CPP
@@ -39,7 +39,7 @@ import warnings
 import torch
 
 from tinyvlm.layers import split_linear
-from tinyvlm.quantize import QuantizedMatrix, int8_to_nibbles
+from tinyvlm.inference.quantize import QuantizedMatrix, int8_to_nibbles
 
 SHAPES = {  # (hidden, q width, kv width, intermediate, layers, vocab)
     "gemma-3-270m": (640, 1024, 256, 2048, 18, 262144),

@@ -10,7 +10,7 @@ Token layout (`ImageTokenConfig.layout`), nanoVLM's (``"nanovlm"``): without spl
 encoder's size, then for each tile, row by row, ``<row_i_col_j> N x <|image|>``; an image no larger than one
 tile keeps only the global view. ``pixel_values`` holds every view (global first, then tiles) of every image
 in the order their tokens appear. SmolVLM's (``"smolvlm"``: ``<fake_token_around_image>``, row/column tokens,
-tiles first and the global view last, its own resize and split rule) is `tinyvlm.pretrained.smolvlm_processing`.
+tiles first and the global view last, its own resize and split rule) is `tinyvlm.processing.splitting`.
 
 Prompts: a string is one user turn; it and chat messages are rendered exactly as training renders
 conversations: with the chat template of instruct decoders (the tokenizer ships one), else the minimal
@@ -144,7 +144,7 @@ class Processor:
 
     def _image_ids(self, image: Image.Image | None) -> list[int]:
         if self.tokens.layout == "smolvlm":
-            from tinyvlm.pretrained.smolvlm_processing import image_prompt
+            from tinyvlm.processing.splitting import image_prompt
 
             rows, cols = self._smolvlm_splitter().grid(image) if image is not None else (0, 0)
             if image is None and self.tokens.split_images:
@@ -158,7 +158,7 @@ class Processor:
         return self.image_token_ids(self.grid(image))
 
     def _smolvlm_splitter(self):
-        from tinyvlm.pretrained.smolvlm_processing import SmolVLMImageSplitter
+        from tinyvlm.processing.splitting import SmolVLMImageSplitter
 
         return SmolVLMImageSplitter(
             tile=self.image_size, longest_edge=self.tokens.resize_longest_edge, do_image_splitting=self.tokens.split_images
@@ -398,7 +398,7 @@ def _count_message(placeholders: int, images: int) -> str:
 
 def _rescale_only(size: int) -> Callable[..., Tensor]:
     """nanoVLM v0.1's preprocessing: bilinear resize, then [0, 1] (no mean / std)."""
-    from tinyvlm.image import ImageTransform
+    from tinyvlm.processing.image import ImageTransform
 
     return ImageTransform(size=(size, size), resample=Image.Resampling.BILINEAR, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 

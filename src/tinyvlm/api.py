@@ -1,11 +1,15 @@
-"""From names to VLMs: `build_vlm` (assemble a recipe or a pair), `load_vlm` (a saved or trained model),
-and `open_vlm`, the one entry the commands use for ``--model NAME`` (whichever of the two the name means).
+"""The doors: names -> modules.
 
-``build_vlm("dinov3-vits16plus", "gemma-3-270m-it")`` resolves each part once (`tinyvlm.sources.resolve`),
-loads both backbones from their pinned commits, initialises the projector (pixel-shuffle factor from the
-encoder's grid unless given), adds the image tokens to the decoder's tokenizer (growing the vocabulary only
-for tokens that are embedded like text: the tile markers of image splitting) and records what it built in
-`VLMConfig.parts`, so that `load_vlm` rebuilds the model offline from ``config.json``.
+Parts: ``build_encoder`` / ``build_decoder`` / ``build_projector``. name -> `tinyvlm.sources.resolve` -> config
+(the zoo entry's, or the checkpoint's ``config.json`` read by its family, + validated overrides) -> module
+built on the meta device -> strict load of the source's weights.
+
+VLMs: `build_vlm` (assemble a recipe or a pair) and `load_vlm` (a saved or trained model).
+``build_vlm("dinov3-vits16plus", "gemma-3-270m-it")`` resolves each part once, loads both backbones from
+their pinned commits, initialises the projector (pixel-shuffle factor from the encoder's grid unless given),
+adds the image tokens to the decoder's tokenizer (growing the vocabulary only for tokens that are embedded
+like text: the tile markers of image splitting) and records what it built in `VLMConfig.parts`, so that
+`load_vlm` rebuilds the model offline from ``config.json``.
 
 `load_vlm` reads any VLM checkpoint layout the registry knows (`Family.read`: tinyvlm's own, SmolVLM /
 Idefics3, nanoVLM): the layout's family recognises the ``config.json``, reads the config and the tokenizer,
@@ -18,18 +22,126 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from tinyvlm.config import Config, QuantizationConfig
+from tinyvlm.decoders.base import DecoderConfig
 from tinyvlm.devices import check_device, parse_dtype
 from tinyvlm.errors import ConfigError
-from tinyvlm.factory import build_part
-from tinyvlm.quantize import LoadQuantizer, check_quantize, check_target, quantized_structure
-from tinyvlm.registry import Family, family_for_config, get_family, get_spec
+from tinyvlm.inference.quantize import LoadQuantizer, check_quantize, check_target, quantize_decoder, quantized_structure
+from tinyvlm.inference.threads import set_threads
+from tinyvlm.registry import Family, Kind, family_for_config, get_family, get_spec, load_families
 from tinyvlm.sources import Source, resolve
-from tinyvlm.threads import set_threads
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vlm.config import BuiltParts, ImageTokenConfig, VLMConfig
 from tinyvlm.vlm.model import VLM, fit_projector, projector_base, record
 from tinyvlm.weights import load_checkpoint
+
+
+def build_encoder(
+    name: str,
+    *,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """A vision encoder by zoo key, ``hf-hub:`` repo or ``local-dir:`` folder. ``overrides`` are config fields."""
+    source = resolve(name, "encoder")
+    return build_part("encoder", source, pretrained=pretrained, dtype=dtype, device=device, overrides=overrides)
+
+
+def build_decoder(
+    name: str,
+    *,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """A language decoder by zoo key, ``hf-hub:`` repo or ``local-dir:`` folder, ready for inference
+    (`prepare_for_inference`). ``quantize``: ``"int8"`` / ``"int4"`` weight-only quantization, applied
+    while the checkpoint is read (`tinyvlm.inference.quantize`); ``threads``: intra-op threads (`tinyvlm.inference.threads`;
+    None: chosen automatically while decoding). ``overrides`` are config fields."""
+    set_threads(threads)
+    quantization = check_quantize(quantize, dtype=parse_dtype(dtype), device=check_device(device))
+    source = resolve(name, "decoder")
+    decoder = build_part(
+        "decoder", source, pretrained=pretrained, dtype=dtype, device=device, overrides=overrides,
+        quantization=quantization,
+    )
+    return decoder.prepare_for_inference()
+
+
+def build_projector(name: str, *, in_dim: int, out_dim: int, **overrides: Any) -> nn.Module:
+    """A randomly initialised projector from ``in_dim`` (encoder) to ``out_dim`` (decoder)."""
+    family, config = part_config("projector", resolve(name, "projector"), overrides)
+    return family.build(config.replace(in_dim=in_dim, out_dim=out_dim))
+
+
+def part_config(kind: Kind, source: Source, overrides: dict[str, Any]) -> tuple[Family, Config]:
+    """The family and validated config of a resolved name, with ``overrides`` applied.
+
+    Zoo entries carry their config; checkpoints are read from their ``config.json`` by the family that
+    recognises it, and a decoder's ``generation_config.json``, when present, overrides its special token ids
+    (Gemma-3-it stops on ``[1, 106]``), as in transformers.
+    """
+    load_families()
+    if source.spec is not None:
+        family = get_family(source.spec.family)
+        config = source.spec.config
+    else:
+        hf_config = source.config_json()
+        family = family_for_config(hf_config, kind, where=source.name)
+        try:
+            config = family.config_cls.from_hf(hf_config)
+        except KeyError as error:
+            raise ConfigError(f"{source.name}: config.json lacks {error}, which the {family.name} family needs") from None
+        if isinstance(config, DecoderConfig):
+            generation = source.json("generation_config.json")
+            if generation:
+                config = config.with_generation_config(generation)
+    return family, config.replace(**overrides) if overrides else config
+
+
+def build_part(
+    kind: Kind,
+    source: Source,
+    *,
+    pretrained: bool,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    overrides: dict[str, Any],
+    quantization: QuantizationConfig | None = None,
+) -> nn.Module:
+    """Load the source's weights, or initialise at random when ``pretrained`` is False or it has none
+    (the ``test-*`` zoo entries). In eval mode, in the training layout. ``quantization`` (decoders, checked
+    by `tinyvlm.inference.quantize.check_quantize`): quantize each matrix as it is read (random init: once built)."""
+    dtype, device = parse_dtype(dtype), check_device(device)
+    if quantization is not None and kind != "decoder":
+        raise ConfigError(f"quantize applies to decoders; this is {_a(kind)}")
+    family, config = part_config(kind, source, overrides)
+    if pretrained and source.has_files:
+        if family.key_map is None:
+            raise ConfigError(f"the {family.name} family has no checkpoints to load; use pretrained=False")
+        files = source.weight_files()
+        with torch.device("meta"):
+            module = family.build(config)
+        filler = None if quantization is None else LoadQuantizer(module, quantization)
+        return load_checkpoint(module, files, family.key_map(config), dtype=dtype, device=device, filler=filler).eval()
+    with torch.device(device or "cpu"):
+        module = family.build(config)
+    module = module.to(dtype) if dtype is not None else module
+    return (module if quantization is None else quantize_decoder(module, quantization)).eval()
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+# ------------------------------------------------------------------------------------------------ VLMs
 
 
 def build_vlm(
@@ -54,8 +166,8 @@ def build_vlm(
     always freshly initialised. ``dtype=None`` keeps the checkpoints' dtypes (decoders bf16, encoders fp32)
     and makes the projector fp32. ``*_kwargs`` override config fields of each part; ``processor_kwargs``
     those of `ImageTokenConfig` (``split_images=True, max_grid=4``, ...). ``quantize`` (``"int8"`` /
-    ``"int4"``) quantizes the decoder as its checkpoint is read (`tinyvlm.quantize`); ``threads`` sets the
-    intra-op threads (`tinyvlm.threads`). The model comes in eval mode and the training layout; call
+    ``"int4"``) quantizes the decoder as its checkpoint is read (`tinyvlm.inference.quantize`); ``threads`` sets the
+    intra-op threads (`tinyvlm.inference.threads`). The model comes in eval mode and the training layout; call
     ``prepare_for_inference()`` before decoding with it.
     """
     set_threads(threads)
@@ -146,10 +258,10 @@ def load_vlm(
     registry reads (tinyvlm, SmolVLM / Idefics3, nanoVLM). Built on the meta device and loaded strictly.
 
     ``adapter``: a LoRA adapter folder (``tinyvlm train --lora``, or peft's ``save_pretrained``) applied to
-    that base, unmerged (`tinyvlm.lora.adapter.merge_adapter` folds it in). With an adapter the base may also
+    that base, unmerged (`tinyvlm.interop.lora.merge_adapter` folds it in). With an adapter the base may also
     be a recipe, rebuilt from its parts' pretrained weights, when the adapter holds its trained projector.
     ``quantize`` (``"int8"`` / ``"int4"``) quantizes the decoder as it is read (a checkpoint saved quantized
-    loads as it was saved; `tinyvlm.quantize`); ``threads``: intra-op threads (`tinyvlm.threads`)."""
+    loads as it was saved; `tinyvlm.inference.quantize`); ``threads``: intra-op threads (`tinyvlm.inference.threads`)."""
     set_threads(threads)
     if adapter is None:
         return read_vlm(vlm_source(str(name)), dtype=dtype, device=device, quantize=quantize).prepare_for_inference()
@@ -162,7 +274,7 @@ def with_adapter(
 ) -> VLM:
     """The base ``name`` (a checkpoint, or a recipe built from pretrained parts; quantized as it is read
     with ``quantize``) with the LoRA ``adapter`` injected and loaded (no inference step)."""
-    from tinyvlm.lora.adapter import load_adapter, read_adapter_config
+    from tinyvlm.interop.lora import load_adapter, read_adapter_config
 
     saved = read_adapter_config(adapter).modules_to_save or []
     if not resolve(name, "vlm").has_files and "projector" not in saved:
@@ -226,18 +338,3 @@ def read_vlm(
         vlm.config = vlm.config.replace(quantization=wanted)
     vlm.tokenizer = tokenizer
     return vlm.eval()
-
-
-def read_tinyvlm(source: Source) -> tuple[VLMConfig, Tokenizer]:
-    """tinyvlm's own layout (`VLM.save_pretrained`): ``config.json`` is the `VLMConfig`; the tokenizer's
-    image-token ids must be those it records."""
-    config = VLMConfig.from_hf(source.config_json())
-    if config.parts is None:
-        raise ConfigError(f"{source.name}: config.json is a recipe, not a saved model; build it with tinyvlm.build_vlm")
-    tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
-    tokens = config.image_tokens
-    found = [tokenizer.token_to_id(t) for t in [*tokens.marker_tokens(), tokens.image_token]]
-    expected = [*config.parts.marker_token_ids, config.parts.image_token_id]
-    if found != expected:
-        raise ConfigError(f"{source.name}: the tokenizer's image-token ids {found} differ from config.json's {expected}")
-    return config, tokenizer
