@@ -108,3 +108,39 @@ def test_without_datasets_the_error_names_the_extra(monkeypatch: pytest.MonkeyPa
 def test_hub_dataset_offline_is_a_data_error() -> None:
     with pytest.raises(DataError, match="hf-dataset:HuggingFaceM4/the_cauldron/ai2d: cannot reach the Hub.*HF_HUB_OFFLINE"):
         open_rows(parse_source("hf-dataset:HuggingFaceM4/the_cauldron/ai2d"), "train")
+
+
+@pytest.mark.parametrize("env", [
+    {"HF_HUB_OFFLINE": "0"},  # online, but the endpoint takes no connection: one TCP check, no retries
+    {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1"},
+    {"HF_HUB_OFFLINE": "1"},
+])
+def test_hub_dataset_without_network_fails_in_seconds_in_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    """As a model does (`tinyvlm.hub`): datasets alone retried 5 times, printing 11 lines over 31 s."""
+    import os
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", "tinyvlm.cli", "train", "--model", "test-vlm", "--data", "hf-dataset:org/x",
+               "--output-dir", str(tmp_path / "run")]
+    began = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", **env})
+    seconds = time.monotonic() - began
+    assert result.returncode == 1 and result.stderr.startswith("tinyvlm train: error: hf-dataset:org/x: ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert seconds < 15, seconds  # the interpreter and torch start in about 3 s; the retries took 31
+    if env.get("HF_DATASETS_OFFLINE") != "1" and env["HF_HUB_OFFLINE"] == "0":
+        assert "the Hub at http://127.0.0.1:9 cannot be reached" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_rows_of_a_folder_are_named_by_file_and_row(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", "the_cauldron", cauldron_rows(3))
+    write_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", "the_cauldron", cauldron_rows(4, start=3))
+    rows = open_rows(parse_source(str(tmp_path / "data")), "train")
+    assert [row["texts"][0]["user"] for row in rows.read()][4] == "What colour is picture 4?"
+    assert rows.where(4) == f"{tmp_path / 'data'} row 4 (train-00001-of-00002.parquet row 1)"
+    assert rows.where(2) == f"{tmp_path / 'data'} row 2 (train-00000-of-00002.parquet row 2)"
+    single = open_rows(parse_source(str(tmp_path / "data" / "train-00000-of-00002.parquet")), "train")
+    assert single.where(2) == f"{tmp_path / 'data' / 'train-00000-of-00002.parquet'} row 2"

@@ -120,8 +120,12 @@ def test_image_forms(tmp_path: Path) -> None:
         image_ref({"bytes": None, "path": "hf://datasets/x/y/a.png"}, base=None, where="w")
     with pytest.raises(DataError, match="relative path"):
         image_ref("b.png", base=None, where="w")
-    with pytest.raises(DataError, match="cannot read image EncodedImage"):
-        open_image(EncodedImage(b"not an image"))
+    for image, name in [(EncodedImage(b"not an image"), "image of 12 bytes"),
+                        (EncodedImage(b"not an image", "x.png"), "image 'x.png' (12 bytes)")]:
+        with pytest.raises(DataError) as error:
+            open_image(image)
+        # named by its name and size: PIL's own message would print the stream object, <_io.BytesIO object at 0x...>
+        assert str(error.value) == f"cannot read {name} (not an image file PIL recognises)"
 
 
 def test_cauldron_rows_from_pyarrow_are_read_alike(tmp_path: Path) -> None:

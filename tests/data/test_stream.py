@@ -12,7 +12,9 @@ import pytest
 from tinyvlm.data.records import Example
 from tinyvlm.data.schemas import RatingFilter
 from tinyvlm.data.readers import open_rows, parse_source
-from tinyvlm.data.stream import Mixture, RecordSource, RowSource, StepBatches, held_out, held_out_rows
+from tinyvlm.data.stream import (
+    Counts, HoldOut, Mixture, RecordSource, RowSource, StepBatches, held_out, held_out_rows,
+)
 from tinyvlm.errors import DataError
 
 from writers import cauldron_rows, finevision_rows, write_parquet
@@ -146,3 +148,33 @@ def test_rating_filters_drop_turns_and_count_emptied_rows(tmp_path: Path) -> Non
     with pytest.raises(DataError, match="no usable training rows"):
         nothing_left.next()
     assert nothing_left.counts.values == {"filtered_rows": 6, "dropped_turns": 12}
+
+
+# the hash rule holds out none of 32 rows for z.parquet (at seed 0, 5 %), and some for the others
+SMALL_FILES = ["z.parquet", "a.parquet", "b.parquet", "shapes.parquet", "train.parquet"]
+
+
+@pytest.mark.parametrize("name", SMALL_FILES)
+def test_a_small_dataset_always_holds_out_a_row(tmp_path: Path, name: str) -> None:
+    rows = open_rows(parse_source(str(write_parquet(tmp_path / name, "the_cauldron", cauldron_rows(32)))), "train")
+    by_hash = {i for i in range(32) if held_out(0, rows.identity, i, 0.05)}
+    chosen = {i for i in range(32) if i in HoldOut(rows, seed=0, fraction=0.05)}
+    if by_hash:
+        assert chosen == by_hash  # the rows the rule picks, exactly
+    else:
+        assert len(chosen) == 1 and name == "z.parquet"  # the rule picks none: the row of smallest hash
+    held = [number(r) for r in held_out_rows(rows, seed=0, val_fraction=0.05, ratings=NO_FILTER, limit=100)]
+    assert held == sorted(chosen)
+    source = RowSource(rows, seed=0, index=0, block=8, val_fraction=0.05, ratings=NO_FILTER)
+    trained = {number(source.next(Counts())) for _ in range(32 - len(chosen))}
+    assert trained == set(range(32)) - chosen  # never trained on
+    nothing = HoldOut(rows, seed=0, fraction=0.0)
+    assert nothing.fallback is None and not any(i in nothing for i in range(32))
+
+
+def test_a_large_dataset_holds_out_the_rows_of_the_hash_rule(folder: Path) -> None:
+    rows = open_rows(parse_source(str(folder)), "train")
+    rows.length = 100_000  # (as the metadata of a large dataset would say): its held-out rows stay those of the hash
+    hold_out = HoldOut(rows, seed=0, fraction=0.05)
+    assert hold_out.fallback is None
+    assert [i for i in range(5000) if i in hold_out] == [i for i in range(5000) if held_out(0, rows.identity, i, 0.05)]

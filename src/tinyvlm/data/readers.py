@@ -8,8 +8,9 @@ A source string (``--data``, ``--val-data``, the evaluation commands) is one of:
   ``test/...``; everything is ``train`` otherwise);
 * a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` of splits);
 * ``hf-dataset:ORG/NAME[/CONFIG][@REVISION]``: a dataset on the Hugging Face Hub, streamed (nothing is
-  downloaded up front). ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_DATASETS_CACHE`` apply as
-  in ``datasets`` itself.
+  downloaded up front). ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) and
+  ``HF_DATASETS_CACHE`` apply as in ``datasets`` itself. Without them, an endpoint that takes no TCP
+  connection within 2 s (`tinyvlm.hub.hub_reachable`) stops the run at once, before ``datasets`` would retry.
 
 Every form but the first is read through ``datasets`` (``pip install "tinyvlm[data]"``) as a stream of rows
 (`Rows`) with images left encoded (``{"bytes": ..., "path": ...}``): pixels are decoded where the batch is
@@ -21,9 +22,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from tinyvlm.errors import DataError
+from tinyvlm.hub import endpoint, hub_reachable, offline
 
 HF_DATASET = "hf-dataset:"
 #: Files read whole as records.
@@ -83,7 +85,8 @@ class Rows:
     split (its files were resolved once, when the source was opened).
     """
 
-    def __init__(self, spec: SourceSpec, split: str, make: Callable[[], Any], *, length: int | None, base: Path | None):
+    def __init__(self, spec: SourceSpec, split: str, make: Callable[[], Any], *, length: int | None, base: Path | None,
+                 files: Sequence[tuple[str, int]] = ()):
         self.spec, self.split, self._make = spec, split, make
         features = make().features
         self.columns: list[str] = list(features) if features is not None else []
@@ -91,6 +94,8 @@ class Rows:
         self.length = length
         #: Folder that relative image paths in rows refer to (None for a Hub dataset).
         self.base = base
+        #: The split's parquet files in reading order, with their row counts (to name a row's file).
+        self.files = list(files)
 
     @property
     def name(self) -> str:
@@ -102,6 +107,17 @@ class Rows:
         may differ between the nodes of one run), or the Hub dataset and config; and the split."""
         where = self.spec.path.name if self.spec.path is not None else f"{self.spec.repo}/{self.spec.config or ''}"
         return f"{where}:{self.split}"
+
+    def where(self, index: int) -> str:
+        """Row ``index`` (0-based, in the split's order) as messages name it: the source and the row, and the file
+        and its own row when the split has several files."""
+        if len(self.files) > 1:
+            start = 0
+            for file, rows in self.files:
+                if index < start + rows:
+                    return f"{self.name} row {index} ({Path(file).name} row {index - start})"
+                start += rows
+        return f"{self.name} row {index}"
 
     def read(self, state: dict[str, Any] | None = None) -> "RowReader":
         dataset = self._make().decode(False)  # images stay {"bytes", "path"}: decoded in the loader's workers
@@ -184,10 +200,11 @@ def _parquet_rows(datasets: Any, spec: SourceSpec, split: str, *, base: Path, **
     if split not in files:
         raise _splits_error(spec, split, files)
     try:
-        length = sum(pq.ParquetFile(file).metadata.num_rows for file in files[split])
+        counts = [(str(file), pq.ParquetFile(file).metadata.num_rows) for file in files[split]]
     except Exception as error:  # pyarrow's ArrowInvalid for a file that is not parquet
         raise DataError(f"{spec.text}: cannot read the parquet files ({error})") from None
-    return Rows(spec, split, lambda: builder.as_streaming_dataset(split=split), length=length, base=base)
+    return Rows(spec, split, lambda: builder.as_streaming_dataset(split=split), length=sum(n for _, n in counts),
+                base=base, files=counts)
 
 
 def _saved_rows(datasets: Any, spec: SourceSpec, split: str) -> Rows:
@@ -209,6 +226,13 @@ def _saved_rows(datasets: Any, spec: SourceSpec, split: str) -> Rows:
 
 
 def _hub_rows(datasets: Any, spec: SourceSpec, split: str) -> Rows:
+    if not (offline() or datasets.config.HF_HUB_OFFLINE or hub_reachable()):
+        # As for models (`tinyvlm.hub`): one TCP check of the endpoint, 2 s at most, instead of datasets' retries.
+        raise DataError(
+            f"{spec.text}: the Hub at {endpoint()} cannot be reached, and streaming a Hub dataset needs it. Check "
+            "your connection; or train on a local copy (a parquet file or folder, a save_to_disk folder) downloaded "
+            "while online; a dataset in the datasets cache loads with HF_HUB_OFFLINE=1"
+        )
     try:
         builder = datasets.load_dataset_builder(spec.repo, spec.config, revision=spec.revision)
         builder.as_streaming_dataset(split=split)  # a bad split fails here, not at the first read

@@ -64,19 +64,48 @@ def open_image(image: ImageRef) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     try:
-        if isinstance(image, EncodedImage):
-            opened = Image.open(io.BytesIO(image.data))
-        else:
-            opened = Image.open(image)
-        with opened:
+        with _opened(image) as opened:
             opened.load()
             return opened.copy()
     except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"cannot read image {_image_name(image)} ({error})") from None
+        raise DataError(_unreadable(image, error)) from None
 
 
-def _image_name(image: ImageRef) -> str:
-    return repr(str(image)) if isinstance(image, Path) else repr(image)
+def image_problem(image: ImageRef, *, decode: bool) -> str | None:
+    """Why ``image`` cannot be used, or None. Reads its header (format and size), and its pixels with ``decode``
+    (a truncated file has a good header)."""
+    if isinstance(image, Image.Image):
+        return None
+    if isinstance(image, Path) and not image.is_file():
+        return f"{describe_image(image)} not found"
+    try:
+        with _opened(image) as opened:
+            if opened.width < 1 or opened.height < 1:
+                return f"{describe_image(image)} is empty"
+            if decode:
+                opened.load()
+    except (UnidentifiedImageError, OSError) as error:
+        return _unreadable(image, error)
+    return None
+
+
+def describe_image(image: ImageRef) -> str:
+    """An image as messages name it: its path, or its file name and size (never an object's repr)."""
+    if isinstance(image, Path):
+        return f"image {str(image)!r}"
+    if isinstance(image, EncodedImage):
+        return f"image {image.name!r} ({len(image.data)} bytes)" if image.name else f"image of {len(image.data)} bytes"
+    return "image"
+
+
+def _opened(image: Path | EncodedImage) -> Image.Image:
+    return Image.open(io.BytesIO(image.data) if isinstance(image, EncodedImage) else image)
+
+
+def _unreadable(image: ImageRef, error: Exception) -> str:
+    # PIL's message for data it does not recognise names the stream object (<_io.BytesIO object at 0x...>).
+    why = "not an image file PIL recognises" if isinstance(error, UnidentifiedImageError) else str(error)
+    return f"cannot read {describe_image(image)} ({why})"
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -128,7 +157,7 @@ def read_records(path: str | Path, *, check_images: bool = True) -> list[Record]
             if check_images:
                 for image in record.images:
                     if image not in checked:
-                        checked[image] = _image_problem(image)
+                        checked[image] = image_problem(image, decode=False)
                     if checked[image]:
                         raise DataError(f"{where}: {checked[image]}")
             records.append(record)
@@ -238,19 +267,6 @@ def _text(content: Any, where: str, turn: int) -> str:
     raise DataError(f"{where}: turn {turn} content must be a string or a list of parts")
 
 
-def _image_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used as an image, or None. Reads the header only."""
-    if not path.is_file():
-        return f"image {str(path)!r} not found"
-    try:
-        with Image.open(path) as image:
-            if image.width < 1 or image.height < 1:
-                return f"image {str(path)!r} is empty"
-    except (UnidentifiedImageError, OSError) as error:
-        return f"cannot read image {str(path)!r} ({error})"
-    return None
-
-
 def split_records(records: Sequence[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """A seeded held-out split: ``round(len * val_fraction)`` records (at least one when the fraction is
     positive), never all of them."""
@@ -340,9 +356,9 @@ def _header(image: ImageRef):
         yield image
         return
     try:
-        opened = Image.open(io.BytesIO(image.data) if isinstance(image, EncodedImage) else image)
+        opened = _opened(image)
     except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"cannot read image {_image_name(image)} ({error})") from None
+        raise DataError(_unreadable(image, error)) from None
     with opened:
         yield opened
 

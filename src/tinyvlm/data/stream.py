@@ -14,8 +14,10 @@ weights, a pure function of ``p``), and each source hands out its rows in its ow
 * a dataset (`RowSource`): its stored order, cut into blocks of ``shuffle_block`` rows, each block shuffled
   by a seeded permutation (a shuffle buffer whose state is just the block's start), again every epoch.
 
-A seeded fraction of rows is held out for evaluation: exactly `split_records`'s for a file, and for a
-dataset each row by a hash of the seed, the source and the row's index (so the same rows in every epoch).
+A seeded fraction of rows is held out for evaluation: exactly `split_records`'s for a file (at least one
+record), and for a dataset each row by a hash of the seed, the source and the row's index (so the same rows
+in every epoch); when that picks no row of a dataset whose length is known, the row of the smallest hash is
+held out, so that a hold-out asked for is never empty (`HoldOut`).
 
 `Mixture.state` is the data position: per source the epoch, the block, where that block starts in the
 files (the ``datasets`` iterator state, so a resume re-reads one block, not the stream) and how many of its
@@ -53,8 +55,37 @@ def stable_seed(*key: Any) -> int:
 
 
 def held_out(seed: int, source: str, index: int, val_fraction: float) -> bool:
-    """Whether row ``index`` of the source identified by ``source`` (`Rows.identity`) is held out."""
+    """Whether the hash rule holds out row ``index`` of the source identified by ``source`` (`Rows.identity`)."""
     return val_fraction > 0 and stable_unit("held-out", seed, source, index) < val_fraction
+
+
+class HoldOut:
+    """The held-out rows of a dataset: those `held_out` picks, and, when it picks none of the ``length`` rows of
+    a dataset whose length is known, the one of smallest hash (a small file, e.g. 32 rows at 5 %, otherwise
+    holds out nothing about one time in five). Finding out reads no row: it hashes indices until the first
+    held-out one, about ``1 / fraction`` of them, so datasets that have held-out rows keep exactly those."""
+
+    def __init__(self, rows: Rows, *, seed: int, fraction: float):
+        self.seed, self.source, self.fraction = seed, rows.identity, fraction
+        self.fallback = _smallest_hash_row(seed, self.source, fraction, rows.length) if rows.length else None
+
+    def __contains__(self, index: int) -> bool:
+        return held_out(self.seed, self.source, index, self.fraction) or index == self.fallback
+
+
+def _smallest_hash_row(seed: int, source: str, fraction: float, length: int) -> int | None:
+    """None when the hash rule holds out one of the ``length`` rows (or ``fraction`` is 0), else the row of
+    smallest hash."""
+    if fraction <= 0:
+        return None
+    smallest, chosen = 1.0, 0
+    for index in range(length):
+        unit = stable_unit("held-out", seed, source, index)
+        if unit < fraction:
+            return None
+        if unit < smallest:
+            smallest, chosen = unit, index
+    return chosen
 
 
 class Counts:
@@ -109,7 +140,8 @@ class RowSource:
 
     def __init__(self, rows: Rows, *, seed: int, index: int, block: int, val_fraction: float, ratings: RatingFilter):
         self.rows, self.seed, self.index, self.block_size = rows, seed, index, block
-        self.val_fraction, self.ratings = val_fraction, ratings
+        self.ratings = ratings
+        self.held_out = HoldOut(rows, seed=seed, fraction=val_fraction)
         self.schema = detect_schema(rows.columns, source=rows.name)
         self.name = rows.name
         #: Training rows (about: held-out rows are drawn per row), None when the dataset does not say.
@@ -133,7 +165,7 @@ class RowSource:
         self._next_start = self._reader.state()
         self._block_rows = len(chunk)
         indices = range(self.first_index, self.first_index + len(chunk))
-        kept = [(i, row) for i, row in zip(indices, chunk) if not held_out(self.seed, self.rows.identity, i, self.val_fraction)]
+        kept = [(i, row) for i, row in zip(indices, chunk) if i not in self.held_out]
         order = np.random.default_rng(stable_seed("block", self.seed, self.index, self.epoch, self.block)).permutation(len(kept))
         self._pending = [kept[k] for k in order][self.taken :][::-1]
         return True
@@ -154,7 +186,7 @@ class RowSource:
                 continue
             index, row = self._pending.pop()
             self.taken += 1
-            converted = self.schema.convert(row, where=f"{self.name} row {index}", base=self.rows.base, ratings=self.ratings)
+            converted = self.schema.convert(row, where=self.rows.where(index), base=self.rows.base, ratings=self.ratings)
             counts.add("dropped_turns", converted.dropped_turns)
             if converted.record is None:
                 counts.add("filtered_rows")
@@ -177,13 +209,14 @@ def held_out_rows(rows: Rows, *, seed: int, val_fraction: float | None, ratings:
     """The evaluation records of a dataset in stored order: its held-out rows (``val_fraction`` given), or
     every row (a ``--val-data`` source), at most ``limit``; rows the rating filters empty are left out."""
     schema = detect_schema(rows.columns, source=rows.name)
+    chosen = None if val_fraction is None else HoldOut(rows, seed=seed, fraction=val_fraction)
     found = 0
     for index, row in enumerate(rows.read()):
         if found >= limit:
             return
-        if val_fraction is not None and not held_out(seed, rows.identity, index, val_fraction):
+        if chosen is not None and index not in chosen:
             continue
-        converted = schema.convert(row, where=f"{rows.name} row {index}", base=rows.base, ratings=ratings)
+        converted = schema.convert(row, where=rows.where(index), base=rows.base, ratings=ratings)
         if converted.record is not None:
             found += 1
             yield converted.record
