@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny_family import TinyConfig, TinyRecipeConfig, write_checkpoint
@@ -231,60 +232,165 @@ def test_console_script_is_installed():
 # ------------------------------------------------------------------------------------------- train flags
 
 
-def test_train_flags_are_the_config_fields_with_their_help():
-    from tinyvlm.cli import build_parser, flag
-    from tinyvlm.training.config import TrainConfig
+def _train_parser():
+    from tinyvlm.cli import _subparsers, build_parser
 
-    train = build_parser(command="train")._subparsers._group_actions[0].choices["train"]
-    options = {action.dest: action for action in train._actions}
-    assert set(TrainConfig.model_fields) <= set(options)
-    for name, field in TrainConfig.model_fields.items():
+    return _subparsers(build_parser(command="train"))["train"]
+
+
+def _leaf_paths(model, prefix=()):
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        inner = [k for k in (info.annotation, *typing.get_args(info.annotation)) if isinstance(k, type) and issubclass(k, BaseModel)]
+        yield from _leaf_paths(inner[0], (*prefix, name)) if inner else [(*prefix, name)]
+
+
+def test_train_flags_are_the_config_options_with_their_aliases_and_help():
+    from tinyvlm.cli import flag
+    from tinyvlm.training.config import FLAT_FIELDS, TrainConfig
+
+    options = {action.dest: action for action in _train_parser()._actions}
+    for name, field in FLAT_FIELDS.items():
         action = options[name]
-        expected = flag(name) if field.annotation is not bool or field.default is False else "--no-" + name.replace("_", "-")
-        assert action.option_strings == [expected], name
-        assert field.description and field.description.replace("%", "%%") in action.help, name
+        names = [flag(n) for n in (name, *field.aliases)]
+        if field.annotation is bool:  # both forms, and a help that reads right for both
+            names = [form for n in names for form in (n, "--no-" + n[2:])]
+            assert action.help.endswith(f"(default: {'yes' if field.info.default else 'no'})"), name
+        assert action.option_strings == names, name
+        assert field.info.description.replace("%", "%%") in action.help, name
+    # every leaf of every section (and of the sections inside sections) has a flag
+    assert {f.path for f in FLAT_FIELDS.values() if f.name != "use_lora"} == set(_leaf_paths(TrainConfig))
     assert options["precision"].choices == ["auto", "fp32", "bf16"]
+    assert "done by default" not in options["pretrained"].help
 
 
-def test_train_errors_name_the_flag_in_plain_words():
-    result = _cli("train", "--data", "d.jsonl", "--output", "out", "--model", "test-vlm", "--max-steps", "0")
-    _assert_one_line_error(result, "--max-steps 0: must be >= 1")
-    assert "Input should be" not in result.stderr
-    _assert_one_line_error(_cli("train", "--output", "out", "--model", "test-vlm"), "--data is required")
-
-
-def test_unknown_train_flag_prints_the_train_usage():
-    result = _cli("train", "--data", "d.jsonl", "--bogus", "1")
-    assert result.returncode == 2
-    assert result.stderr.startswith("usage: tinyvlm train") and "unrecognized arguments: --bogus 1" in result.stderr
-    assert "--max-steps" in result.stderr  # the subcommand's usage, not the top level's
-
-
-@pytest.mark.parametrize("suffix", [".json", ".toml"])
-def test_train_config_file_with_flags_overriding_it(tmp_path, suffix, monkeypatch):
+@pytest.mark.parametrize(("flags", "field", "value"), [
+    (["--output-dir", "o"], ("checkpointing", "output_dir"), "o"),
+    (["--output", "o"], ("checkpointing", "output_dir"), "o"),
+    (["--output_dir", "o"], ("checkpointing", "output_dir"), "o"),
+    (["--learning-rate", "0.5"], ("optimization", "learning_rate"), 0.5),
+    (["--lr", "0.5"], ("optimization", "learning_rate"), 0.5),
+    (["--learning_rate=0.5"], ("optimization", "learning_rate"), 0.5),
+    (["--gradient-accumulation-steps", "3"], ("optimization", "gradient_accumulation_steps"), 3),
+    (["--grad-accum", "3"], ("optimization", "gradient_accumulation_steps"), 3),
+    (["--max_steps", "7"], ("optimization", "max_steps"), 7),
+    (["--max-grad-norm", "0.5"], ("optimization", "max_grad_norm"), 0.5),
+    (["--grad-clip", "0.5"], ("optimization", "max_grad_norm"), 0.5),
+    (["--per-device-train-batch-size", "4"], ("optimization", "batch_size"), 4),
+    (["--batch-size", "4"], ("optimization", "batch_size"), 4),
+    (["--warmup-steps", "2"], ("optimization", "warmup_steps"), 2),
+    (["--weight-decay", "0.1"], ("optimization", "weight_decay"), 0.1),
+    (["--eval-steps", "5"], ("evaluation", "steps"), 5),
+    (["--eval-every", "5"], ("evaluation", "steps"), 5),
+    (["--save-steps", "5"], ("checkpointing", "save_steps"), 5),
+    (["--checkpoint-every", "5"], ("checkpointing", "save_steps"), 5),
+    (["--save-total-limit", "3"], ("checkpointing", "save_total_limit"), 3),
+    (["--logging-steps", "2"], ("runtime", "logging_steps"), 2),
+    (["--log-every", "2"], ("runtime", "logging_steps"), 2),
+    (["--seed", "3"], ("runtime", "seed"), 3),
+    (["--dataloader-num-workers", "2"], ("runtime", "dataloader_num_workers"), 2),
+    (["--workers", "2"], ("runtime", "dataloader_num_workers"), 2),
+    (["--gradient-checkpointing"], ("runtime", "gradient_checkpointing"), True),
+    (["--activation-checkpointing"], ("runtime", "gradient_checkpointing"), True),
+    (["--no-progress"], ("runtime", "progress"), False),
+    (["--no-pretrained"], ("model", "pretrained"), False),
+    (["--train", "projector,decoder"], ("model", "train"), ("projector", "decoder")),
+    (["--use-lora", "--lora-rank", "4", "--train", "projector"], ("lora", "rank"), 4),
+    (["--lora", "4"], ("lora", "rank"), 4),
+])
+def test_train_flags_take_trainingarguments_names_old_names_and_underscores(flags, field, value, monkeypatch):
     from tinyvlm import cli
 
     seen = {}
     monkeypatch.setattr("tinyvlm.training.loop.run", lambda config: seen.setdefault("config", config))
-    text = (
-        '{"data": "d.jsonl", "output": "out", "model": "test-vlm", "max-steps": 7, "lr": 0.5}' if suffix == ".json"
-        else 'data = "d.jsonl"\noutput = "out"\nmodel = "test-vlm"\nmax_steps = 7\nlr = 0.5\n'
-    )
-    (tmp_path / f"run{suffix}").write_text(text)
-    assert cli.main(["train", "--config", str(tmp_path / f"run{suffix}"), "--lr", "0.25"]) == 0
+    base = ["train", "--model", "test-vlm", "--data", "d.jsonl"]
+    assert cli.main([*base, *flags] + ([] if "o" in flags else ["--output-dir", "out"])) == 0
+    section, leaf = field
+    assert getattr(getattr(seen["config"], section), leaf) == (Path(value) if leaf == "output_dir" else value)
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["generate", "--model", "test-vlm", "--prompt", "hi", "--temprature", "0.5"],
+     "tinyvlm generate: error: unknown flag --temprature; did you mean --temperature?"),
+    (["train", "--data", "d.jsonl", "--max-step", "3"], "tinyvlm train: error: unknown flag --max-step; did you mean --max-steps?"),
+    (["train", "--lerning-rate", "1"], "tinyvlm train: error: unknown flag --lerning-rate; did you mean --learning-rate?"),
+    (["eval", "--model", "m", "--task", "mmstar", "--limt", "3"], "tinyvlm eval: error: unknown flag --limt; did you mean --limit?"),
+    (["serve", "--model", "m", "--max-bach", "3"], "tinyvlm serve: error: unknown flag --max-bach; did you mean --max-batch?"),
+    (["list-models", "--jsn"], "tinyvlm list-models: error: unknown flag --jsn; did you mean --json?"),
+])
+def test_an_unknown_flag_is_one_line_naming_the_closest_one(args, line):
+    result = _cli(*args)
+    assert result.returncode == 2 and result.stderr.splitlines() == [f"{line} (see {line.split(':')[0]} --help)"]
+
+
+def test_train_errors_name_the_flag_in_plain_words():
+    result = _cli("train", "--data", "d.jsonl", "--output-dir", "out", "--model", "test-vlm", "--max-steps", "0")
+    _assert_one_line_error(result, "--max-steps 0: must be >= 1")
+    assert "Input should be" not in result.stderr
+    _assert_one_line_error(_cli("train", "--output-dir", "out", "--model", "test-vlm"), "--data is required")
+    _assert_one_line_error(_cli("train", "--data", "d.jsonl", "--model", "test-vlm"), "--output-dir is required")
+    _assert_one_line_error(_cli("train", "--data", "d.jsonl", "--output", "o", "--model", "test-vlm", "--lora-alpha", "4"),
+                           "lora_alpha set, but LoRA is off", "--use-lora")
+
+
+CONFIG_FILES = {
+    "flat.json": '{"data": "d.jsonl", "output-dir": "out", "model": "test-vlm", "max_steps": 7, "lr": 0.5}',
+    "flat.toml": 'data = "d.jsonl"\noutput = "out"\nmodel = "test-vlm"\nmax_steps = 7\nlearning_rate = 0.5\n',
+    "sections.toml": '[model]\nname = "test-vlm"\n[data]\nsources = ["d.jsonl"]\n[optimization]\nmax_steps = 7\n'
+                     'learning_rate = 0.5\n[checkpointing]\noutput_dir = "out"\n',
+    "sections.yaml": "model: {name: test-vlm}\ndata:\n  sources: [d.jsonl]\noptimization:\n  max_steps: 7\n"
+                     "  learning_rate: 0.5\ncheckpointing: {output_dir: out}\n",
+    "mixed.yml": "model: test-vlm\ndata: d.jsonl\noutput_dir: out\noptimization: {max_steps: 7}\nlr: 0.5\n",
+}
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_train_config_file_in_sections_or_flat_names_with_flags_overriding_it(tmp_path, name, monkeypatch):
+    from tinyvlm import cli
+
+    seen = {}
+    monkeypatch.setattr("tinyvlm.training.loop.run", lambda config: seen.setdefault("config", config))
+    (tmp_path / name).write_text(CONFIG_FILES[name])
+    assert cli.main(["train", "--config", str(tmp_path / name), "--learning-rate", "0.25"]) == 0
     config = seen["config"]
-    assert (config.max_steps, config.lr, config.model, config.data) == (7, 0.25, "test-vlm", ["d.jsonl"])
+    assert (config.optimization.max_steps, config.optimization.learning_rate) == (7, 0.25)
+    assert (config.model.name, config.data.sources, config.checkpointing.output_dir) == ("test-vlm", ["d.jsonl"], Path("out"))
+
+
+def test_a_saved_run_config_is_a_config_file(tmp_path, monkeypatch):
+    """What a checkpoint saves (the sections) reads back as --config, to the same config."""
+    from tinyvlm import cli
+    from tinyvlm.training.config import make_config
+
+    seen = {}
+    monkeypatch.setattr("tinyvlm.training.loop.run", lambda config: seen.setdefault("config", config))
+    config = make_config(model="test-vlm", data="d.jsonl", output_dir="out", lora=4, lora_targets="q,v", train="none",
+                         eval_steps=3, report_to="tensorboard")
+    (tmp_path / "run.json").write_text(config.model_dump_json())
+    assert cli.main(["train", "--config", str(tmp_path / "run.json")]) == 0
+    assert seen["config"] == config
 
 
 def test_train_config_file_errors(tmp_path, capsys):
     from tinyvlm import cli
 
-    (tmp_path / "bad.json").write_text('{"max_stepz": 3}')
-    assert cli.main(["train", "--config", str(tmp_path / "bad.json")]) == 1
-    assert "unknown option(s) max_stepz" in capsys.readouterr().err
-    (tmp_path / "broken.json").write_text("{")
-    assert cli.main(["train", "--config", str(tmp_path / "broken.json")]) == 1
-    assert "not valid JSON" in capsys.readouterr().err
+    for text, message in [
+        ('{"max_stepz": 3}', "--config FILE: unknown option max_stepz; did you mean max_steps?"),
+        ('{"optimization": {"max_stepz": 3}}', "unknown option optimization.max_stepz; did you mean optimization.max_steps?"),
+        ('{"lr": 1, "learning_rate": 2}', "learning_rate and lr are the same option (learning_rate): give it once"),
+        ("{", "--config FILE: not valid JSON"),
+        ("[1]", "--config FILE: expected an object of options, got list"),
+    ]:
+        (tmp_path / "bad.json").write_text(text)
+        assert cli.main(["train", "--config", str(tmp_path / "bad.json")]) == 1
+        assert message.replace("FILE", str(tmp_path / "bad.json")) in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("a: [")
+    assert cli.main(["train", "--config", str(tmp_path / "bad.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "not valid YAML" in err and len(err.strip().splitlines()) == 1
 
 
 def test_repeated_data_flags_and_their_checks(monkeypatch, capsys):
@@ -295,8 +401,8 @@ def test_repeated_data_flags_and_their_checks(monkeypatch, capsys):
     args = ["train", "--model", "test-vlm", "--output", "out", "--data", "a.jsonl", "--data-weights", "3",
             "--data", "hf-dataset:HuggingFaceM4/the_cauldron/ai2d", "--data-weights", "1", "--data-split", "train"]
     assert cli.main(args) == 0
-    config = seen["config"]
-    assert config.data == ["a.jsonl", "hf-dataset:HuggingFaceM4/the_cauldron/ai2d"] and config.data_weights == [3.0, 1.0]
+    data = seen["config"].data
+    assert data.sources == ["a.jsonl", "hf-dataset:HuggingFaceM4/the_cauldron/ai2d"] and data.weights == [3.0, 1.0]
     assert cli.main(args[:-4]) == 1
     assert "1 data weight(s) for 2 data source(s)" in capsys.readouterr().err
     assert cli.main([*args[:5], "--data", "hf-dataset:nope"]) == 1

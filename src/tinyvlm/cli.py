@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, NoReturn, Sequence
 
 from tinyvlm import __version__
 from tinyvlm.errors import TinyVLMError
@@ -14,11 +15,13 @@ from tinyvlm.registry import KINDS, ModelSpec, list_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(command=next((a for a in argv if not a.startswith("-")), None))
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # argparse would print the top-level usage; the subcommand's is the useful one
-        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = [_dashed(arg) for arg in (sys.argv[1:] if argv is None else list(argv))]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command=command)
+    commands = _subparsers(parser)
+    if command in commands:
+        check_flags(commands[command], argv[argv.index(command) + 1 :])
+    args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
     except TinyVLMError as error:
@@ -32,6 +35,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``tinyvlm train: error: ...``, exit status 2) instead of a usage
+    dump, and no abbreviated flags (``--max-step`` is unknown, not ``--max-steps``)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options, allow_abbrev=False)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _dashed(arg: str) -> str:
+    """``--max_steps`` / ``--max_steps=3`` -> ``--max-steps`` / ``--max-steps=3``: every flag takes underscores."""
+    if not arg.startswith("--"):
+        return arg
+    name, equals, value = arg.partition("=")
+    return name.replace("_", "-") + equals + value
+
+
+def check_flags(parser: argparse.ArgumentParser, args: Sequence[str]) -> None:
+    """Refuse the first flag ``parser`` does not know, in one line naming the closest one it knows."""
+    known = [option for option in parser._option_string_actions if option.startswith("--")]
+    for arg in args:
+        if arg == "--":
+            return
+        name = arg.partition("=")[0]
+        if arg.startswith("--") and name not in parser._option_string_actions:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            parser.error(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
@@ -41,7 +75,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``tinyvlm`` parser. The flags of ``train`` and ``serve`` come from their configs' fields, and
     ``--quantize`` / ``--threads`` of ``generate`` and ``eval`` from `tinyvlm.config.RuntimeOptions`, which
     costs a pydantic import: they are added only when ``command`` is that command (``list-models`` stays fast)."""
-    parser = argparse.ArgumentParser(prog="tinyvlm", description="Small vision-language models in plain PyTorch.")
+    parser = Parser(prog="tinyvlm", description="Small vision-language models in plain PyTorch. Flags take dashes or "
+                    "underscores (--max-new-tokens, --max_new_tokens).")
     parser.add_argument("--version", action="version", version=f"tinyvlm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -336,78 +371,110 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_train_parser(commands: argparse._SubParsersAction, *, with_flags: bool) -> None:
     train = commands.add_parser(
         "train", help="fine-tune a VLM on conversations: JSONL, parquet, Hugging Face datasets (also under torchrun)",
-        description="Fine-tune a VLM. Every option is a field of tinyvlm.train (TrainConfig); --config FILE reads "
-        "them from a JSON or TOML file (keys as the flags without dashes, or as the Python fields), and flags given "
-        "on the command line override the file. Run under `torchrun --nproc-per-node N` for data parallelism.",
+        description="Fine-tune a VLM. Every flag is an option of tinyvlm.train (TrainConfig), named as in "
+        "transformers' TrainingArguments where the meaning is the same; older names are kept as aliases. --config "
+        "FILE reads options from a JSON, TOML or YAML file (in sections, or flat names as the flags without dashes); "
+        "flags override the file. Run under `torchrun --nproc-per-node N` for data parallelism. See docs/training.md.",
     )
     train.set_defaults(handler=cmd_train)
     if with_flags:
-        from tinyvlm.training.config import TrainConfig
+        from tinyvlm.training.config import FLAT_FIELDS, LORA_SHORTHAND
 
         train.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                           help="read options from a JSON or TOML file (flags override it)")
-        add_config_flags(train, TrainConfig)
+                           help="read options from a JSON, TOML or YAML file (flags override it)")
+        for field in FLAT_FIELDS.values():
+            add_flag(train, field.name, field.info, aliases=field.aliases, required_hint=", here or in --config")
+            if field.name == "use_lora":
+                train.add_argument(flag(LORA_SHORTHAND), dest=LORA_SHORTHAND, type=int, metavar="N",
+                                   default=argparse.SUPPRESS, help="--use-lora --lora-rank N in one flag (the "
+                                   "earlier form)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tinyvlm.training.config import TrainConfig
+    from tinyvlm.training.config import FLAT_FIELDS, LORA_SHORTHAND, TrainConfig, combine, describe_problems, flatten
     from tinyvlm.training.loop import run
 
-    options = read_config_file(args.config, TrainConfig) if "config" in args else {}
-    options.update(given_options(args, TrainConfig))
-    run(validated(TrainConfig, options))
+    from_file = flatten_file(args.config) if "config" in args else {}
+    given = {name: getattr(args, name) for name in [*FLAT_FIELDS, LORA_SHORTHAND] if name in args}
+    try:
+        config = TrainConfig.from_flat(combine(from_file, flatten(given)))
+    except TinyVLMError as error:
+        problems = getattr(error, "problems", None)
+        if not problems:
+            raise
+        raise type(error)("; ".join(describe_problems(problems, flag))) from None
+    run(config)
     return 0
+
+
+def flatten_file(path: str) -> dict[str, object]:
+    """The options of a ``--config`` file (`read_config_file`) by their flat names, its problems named by it."""
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.training.config import flatten
+
+    try:
+        return flatten(read_config_file(path))
+    except ConfigError as error:
+        raise ConfigError(f"--config {path}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------- config fields -> flags
 
 
-def flag(field: str) -> str:
-    """The command-line flag of a config field: ``max_steps`` -> ``--max-steps``."""
-    return "--" + field.replace("_", "-")
+def flag(name: str) -> str:
+    """The command-line flag of an option: ``max_steps`` -> ``--max-steps`` (``--max_steps`` works too)."""
+    return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, model: type, *, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per field of the pydantic ``model`` (name, type, help and default from the field): a boolean
-    that defaults to False is ``--name``, one that defaults to True is ``--no-name``; a ``Literal`` gives the
-    choices; a ``list[X]`` is a flag given once per element (``--data a --data b``). Flags left out keep the
-    field's default (it lives in one place: the model)."""
+def add_config_flags(parser: argparse.ArgumentParser, model: type) -> None:
+    """One flag per field of the pydantic ``model`` (`add_flag`)."""
+    for name, field in model.model_fields.items():
+        add_flag(parser, name, field)
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, field: Any, *, aliases: Sequence[str] = (),
+             required_hint: str = "") -> None:
+    """The flag of option ``name`` (and of its ``aliases``), its type, help and default from the pydantic
+    ``field``: a boolean is ``--name`` / ``--no-name``; a ``Literal`` gives the choices; a list or tuple is a
+    flag given once per element (``--data a --data b``). A flag left out keeps the field's default (it lives in
+    one place: the config)."""
+    import types
     import typing
     from pathlib import Path
 
-    for name, field in model.model_fields.items():
-        if name in exclude:
-            continue
-        description = (field.description or name.replace("_", " ")).replace("%", "%%")
-        default = field.default
-        kind = field.annotation
-        if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
-        if kind is bool:
-            if default is False:
-                parser.add_argument(flag(name), dest=name, action="store_true", default=argparse.SUPPRESS,
-                                    help=description)
-            else:
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                    default=argparse.SUPPRESS, help=f"do not {description} (done by default)")
-            continue
-        shown = "" if default is None or field.is_required() else f" (default: {default})"
-        if typing.get_origin(kind) is typing.Literal:
+    options = [flag(name), *(flag(alias) for alias in aliases)]
+    description = (field.description or name.replace("_", " ")).replace("%", "%%")
+    default = field.default
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))  # Optional[X] -> X
+    if kind is bool:
+        parser.add_argument(*options, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                            help=f"{description} (default: {'yes' if default else 'no'})")
+        return
+    shown = "" if default in (None, []) or field.is_required() else f" (default: {_shown(default)})"
+    repeated = typing.get_origin(kind) in (list, tuple)
+    if repeated:
+        kind = typing.get_args(kind)[0]
+        shown += " (repeatable)"
+    if typing.get_origin(kind) is typing.Literal:
+        if repeated:  # a comma list of names, checked by the config (which names the valid ones)
+            kind = str
+        else:
             choices = [str(choice) for choice in typing.get_args(kind)]
-            parser.add_argument(flag(name), dest=name, choices=choices, default=argparse.SUPPRESS,
-                                help=description + shown)
-            continue
-        repeated = typing.get_origin(kind) is list
-        if repeated:
-            (kind,) = typing.get_args(kind)
-            shown = " (repeatable)"
-        convert = {int: int, float: float, str: str, Path: str}.get(kind)
-        if convert is None:
-            raise TypeError(f"{model.__name__}.{name}: no command-line form for {field.annotation}")
-        metavar = {int: "N", float: "X"}.get(kind, name.upper())
-        parser.add_argument(flag(name), dest=name, type=convert, metavar=metavar, default=argparse.SUPPRESS,
-                            action="append" if repeated else "store",
-                            help=description + shown + (" (required, here or in --config)" if field.is_required() else ""))
+            parser.add_argument(*options, dest=name, choices=choices, default=argparse.SUPPRESS, help=description + shown)
+            return
+    convert = {int: int, float: float, str: str, Path: str}.get(kind)
+    if convert is None:
+        raise TypeError(f"option {name}: no command-line form for {field.annotation}")
+    metavar = {int: "N", float: "X"}.get(kind, name.upper())
+    parser.add_argument(*options, dest=name, type=convert, metavar=metavar, default=argparse.SUPPRESS,
+                        action="append" if repeated else "store",
+                        help=description + shown + (f" (required{required_hint})" if field.is_required() else ""))
+
+
+def _shown(default: object) -> str:
+    return ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
 
 
 def given_options(args: argparse.Namespace, model: type) -> dict[str, object]:
@@ -415,37 +482,42 @@ def given_options(args: argparse.Namespace, model: type) -> dict[str, object]:
     return {name: getattr(args, name) for name in model.model_fields if name in args}
 
 
-def read_config_file(path: str, model: type) -> dict[str, object]:
-    """Options from a JSON or TOML file: keys are fields (``max_steps``) or flags without dashes
-    (``max-steps``); an unknown key is a `ConfigError` naming the valid ones."""
+def read_config_file(path: str) -> dict[str, object]:
+    """The object of a JSON, TOML (``.toml``) or YAML (``.yaml`` / ``.yml``) file; keys with dashes are read
+    with underscores (``max-steps``: ``max_steps``)."""
     from pathlib import Path
 
     from tinyvlm.errors import ConfigError
 
     file = Path(path)
+    form = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(file.suffix, "JSON")
     try:
         text = file.read_text()
     except OSError as error:
         raise ConfigError(f"--config {path}: cannot read it ({error.strerror or error})") from None
     try:
-        if file.suffix == ".toml":
+        if form == "TOML":
             import tomllib
 
             values = tomllib.loads(text)
+        elif form == "YAML":
+            import yaml  # PyYAML, which huggingface_hub requires
+
+            values = yaml.safe_load(text)
         else:
             values = json.loads(text)
-    except ImportError:
-        raise ConfigError(f"--config {path}: TOML needs Python 3.11+; write the options as JSON") from None
-    except ValueError as error:
-        raise ConfigError(f"--config {path}: not valid {'TOML' if file.suffix == '.toml' else 'JSON'} ({error})") from None
+    except ValueError as error:  # json's and tomllib's errors
+        raise ConfigError(f"--config {path}: not valid {form} ({error})") from None
+    except Exception as error:  # yaml.YAMLError
+        raise ConfigError(f"--config {path}: not valid {form} ({' '.join(str(error).split())})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected an object of options, got {type(values).__name__}")
-    options = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(options) - set(model.model_fields))
-    if unknown:
-        valid = ", ".join(f.replace("_", "-") for f in model.model_fields)
-        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
-    return options
+    return _underscored(values)
+
+
+def _underscored(values: dict) -> dict[str, object]:
+    return {str(key).replace("-", "_"): _underscored(value) if isinstance(value, dict) else value
+            for key, value in values.items()}
 
 
 def validated(model: type, options: dict[str, object]):

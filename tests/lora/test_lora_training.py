@@ -103,7 +103,7 @@ def test_killed_lora_run_resumes_to_the_same_adapter(data: Path, base: Path, tmp
 
     changed = subprocess.run(cli(*common, "--output", str(killed), "--resume", "--lora", "8"), env=run_env(),
                              capture_output=True, text=True)
-    assert changed.returncode == 1 and "options changed" in changed.stderr and "lora: 4 -> 8" in changed.stderr
+    assert changed.returncode == 1 and "options changed" in changed.stderr and "lora_rank: 4 -> 8" in changed.stderr
     subprocess.run(cli(*common, "--output", str(killed), "--resume"), check=True, env=run_env(), timeout=180)
     expected = load_file(str(straight / "adapter" / ADAPTER_WEIGHTS))
     resumed = load_file(str(killed / "adapter" / ADAPTER_WEIGHTS))
@@ -121,7 +121,7 @@ def test_killed_lora_run_resumes_to_the_same_adapter(data: Path, base: Path, tmp
 def test_lora_options_are_validated(data: Path, base: Path, tmp_path: Path) -> None:
     options = dict(data=data, output=tmp_path / "run", model=str(base))
     for extra, message in [
-        (dict(lora_alpha=16), "lora_alpha need lora"),
+        (dict(lora_alpha=16), "lora_alpha set, but LoRA is off"),
         (dict(lora=4, train="decoder"), "both in train"),
         (dict(lora=4, lora_targets="q,attn"), "lora_targets='q,attn'"),
         (dict(lora=4, lora_parts="projector"), "lora_parts='projector'"),

@@ -1,6 +1,6 @@
 """Training, in layers:
 
-* `tinyvlm.training.config`: `TrainConfig`, every option validated (torch-free; the CLI's flags);
+* `tinyvlm.training.config`: `TrainConfig`, every option validated, in sections (torch-free; the CLI's flags);
 * `tinyvlm.training.loop`: `train` / `run`, the optimizer loop and held-out evaluation;
 * `tinyvlm.training.checkpoints`: atomic checkpoints and exact resume;
 * `tinyvlm.training.distributed`: the ``torchrun`` process group;

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError
 from tinyvlm.interop.lora import ADAPTER_WEIGHTS, has_adapter, load_adapter_weights, write_adapter_files
-from tinyvlm.training.config import RESUMABLE_CHANGES, TrainConfig
+from tinyvlm.training.config import RESUMABLE_CHANGES, TrainConfig, saved_config
 
 if TYPE_CHECKING:
     from tinyvlm.training.strategies import Replicated, Sharded
@@ -91,16 +91,32 @@ def _tupled(value: Any) -> Any:
 
 
 def check_resumable(folder: Path, config: TrainConfig) -> None:
-    """Refuse to resume with options that change the trajectory (everything but `RESUMABLE_CHANGES`)."""
-    saved = json.loads((folder / "state.json").read_text())["config"]
-    current = config.model_dump(mode="json")
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    """Refuse to resume with options that change the trajectory (all but `RESUMABLE_CHANGES`; ``max_steps`` is
+    checked by `check_extends` once it is resolved). A checkpoint written before the options had sections holds
+    them flat, under the names that are aliases now: it is read as such (`saved_config`)."""
+    saved, current = _compared(saved_config(json.loads((folder / "state.json").read_text())["config"])), _compared(config)
+    changed = sorted(name for name in current.keys() | saved.keys()
+                     if name not in RESUMABLE_CHANGES and saved.get(name) != current.get(name))
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        diffs = ", ".join(f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in changed)
         raise ConfigError(
             f"cannot resume {folder}: options changed since it was written ({diffs}). Resume with the same "
-            "options, or start a new run in another output folder."
+            "options (a larger max_steps extends the run), or start a new run in another output_dir."
         )
+
+
+def _compared(config: TrainConfig) -> dict[str, Any]:
+    """The options as resuming compares them: ``val_fraction`` as the share it holds out (None is the default)."""
+    return {**config.flat(), "val_fraction": config.evaluation.held_out_fraction}
+
+
+def check_extends(folder: Path, max_steps: int) -> None:
+    """A resumed run's ``max_steps`` may differ from the one it was started with (a larger one extends it), but
+    not fall below the step of the checkpoint it resumes from."""
+    step = json.loads((folder / "state.json").read_text())["step"]
+    if max_steps < step:
+        raise ConfigError(f"cannot resume {folder}: it is at step {step}, past max_steps {max_steps}. Give "
+                          f"max_steps {step} or more (--max-steps) to continue it.")
 
 
 def read_data_position(folder: Path) -> dict[str, Any]:

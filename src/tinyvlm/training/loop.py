@@ -7,15 +7,16 @@ The loop, in order of what happens at each optimizer step ``s``:
   global order whatever the number of processes, and restored exactly on resume from the data position
   each checkpoint saves; DataLoader workers decode, encode and collate them ahead;
 * the learning rate of every part is set from the schedule (linear warm-up, then cosine to
-  ``min_lr_ratio * lr``);
+  ``min_lr_ratio`` times the peak at step ``max_steps``; a run resumed with a larger ``max_steps`` continues
+  on the schedule of the new total);
 * each micro-batch's summed token loss is divided by the number of target tokens of the *whole* step (all
   micro-batches, all processes), so accumulation and data parallelism give the gradient of one big batch;
-* gradients are clipped, AdamW steps, and every ``checkpoint_every`` steps rank 0 writes model, optimizer,
-  RNG states and step to a temporary folder that is then renamed into place.
+* gradients are clipped, AdamW steps, and every ``save_steps`` steps rank 0 writes model, optimizer, RNG
+  states and step to a temporary folder that is then renamed into place.
 
-With ``lora`` (a rank), the ``lora_parts`` get peft LoRA layers (`tinyvlm.interop.lora.add_lora`): their base
-weights stay frozen, the adapters and the parts in ``train`` are trained, and checkpoints and the final save
-hold the adapter alone (``adapter/``: peft's files), which applies to the base named by ``model``.
+With a ``lora`` section, its ``parts`` get peft LoRA layers (`tinyvlm.interop.lora.add_lora`): their base
+weights stay frozen, the adapters and the parts in ``model.train`` are trained, and checkpoints and the final
+save hold the adapter alone (``adapter/``: peft's files), which applies to the base named by ``model.name``.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on GPU, gloo on
 CPU), or sharded with FSDP2 (``strategy="fsdp"``, `tinyvlm.training.strategies`); only rank 0 writes files or
@@ -39,7 +40,7 @@ from tinyvlm.data.loading import Collator, MicroBatch, SampleMaker, filler_batch
 from tinyvlm.data.records import IGNORE_INDEX, Batch, open_image
 from tinyvlm.errors import ConfigError
 from tinyvlm.training.checkpoints import (
-    CHECKPOINTS, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
+    CHECKPOINTS, check_extends, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
@@ -59,6 +60,12 @@ ADAPTER = "adapter"
 # ------------------------------------------------------------------------------------------------ schedule
 
 
+def warmup_steps_for(config: TrainConfig, max_steps: int) -> int:
+    """Warm-up steps: ``warmup_steps``, or 5 % of ``max_steps`` (recomputed when a resumed run is extended)."""
+    warmup = config.optimization.warmup_steps
+    return warmup if warmup is not None else round(0.05 * max_steps)
+
+
 def lr_factor(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based): linear warm-up to 1 over ``warmup_steps``
     (step 0 already trains at ``1 / warmup_steps``), then a cosine from 1 down to ``min_lr_ratio`` at the
@@ -75,31 +82,31 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: flo
 
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
     """The VLM to train, in float32 (the optimizer's master weights), on ``device``, in the training layout;
-    its decoder quantized with ``config.quantize`` (QLoRA: the quantized weights stay frozen)."""
+    its decoder quantized with ``quantize`` (QLoRA: the quantized weights stay frozen)."""
     from tinyvlm.api import build_vlm, open_vlm
 
-    torch.manual_seed(config.seed)  # random-init parts are the same in every process and every resume
+    torch.manual_seed(config.runtime.seed)  # random-init parts are the same in every process and every resume
+    chosen, quantize = config.model, config.runtime.quantize
     lora = config.lora_settings
     if lora is not None:
         from tinyvlm.interop.lora import add_lora, rebuildable_base
 
-        base, revision = rebuildable_base(config.model, pretrained=config.pretrained, full_parts=config.parts)
-    if config.encoder is not None:
+        base, revision = rebuildable_base(chosen.name, pretrained=chosen.pretrained, full_parts=chosen.train)
+    if chosen.encoder is not None:
         vlm = build_vlm(
-            config.encoder, config.decoder, config.projector,
-            pretrained=config.pretrained, dtype=torch.float32, device=device, quantize=config.quantize,
+            chosen.encoder, chosen.decoder, chosen.projector,
+            pretrained=chosen.pretrained, dtype=torch.float32, device=device, quantize=quantize,
         )
     else:
-        vlm = open_vlm(config.model, pretrained=config.pretrained, dtype=torch.float32, device=device,
-                       quantize=config.quantize)
-    if vlm.config.quantization is not None and "decoder" in config.parts:
+        vlm = open_vlm(chosen.name, pretrained=chosen.pretrained, dtype=torch.float32, device=device, quantize=quantize)
+    if vlm.config.quantization is not None and "decoder" in chosen.train:
         raise ConfigError(
             f"the decoder is quantized ({vlm.config.quantization.mode}), so its weights cannot be trained in full: "
-            "train LoRA adapters on it (--lora RANK, lora_parts decoder), or train from the unquantized model"
+            "train LoRA adapters on it (--use-lora, lora_parts decoder), or train from the unquantized model"
         )
     if lora is None:
         return vlm
-    return add_lora(vlm, lora, full_parts=config.parts, base_name=base, base_revision=revision)
+    return add_lora(vlm, lora, full_parts=chosen.train, base_name=base, base_revision=revision)
 
 
 def freeze(vlm: nn.Module, parts: Sequence[str], lora_parts: Sequence[str] = ()) -> None:
@@ -123,12 +130,13 @@ def param_groups(vlm: nn.Module, config: TrainConfig, lrs: dict[str, float]) -> 
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         lr = lrs[part]
-        label = part if part in config.parts else f"{part}.lora"
-        for name, members, wd in ((label, decay, config.weight_decay), (f"{label}.no_decay", no_decay, 0.0)):
+        label = part if part in config.model.train else f"{part}.lora"
+        weight_decay = config.optimization.weight_decay
+        for name, members, wd in ((label, decay, weight_decay), (f"{label}.no_decay", no_decay, 0.0)):
             if members:
                 groups.append({"name": name, "params": members, "lr": lr, "peak_lr": lr, "weight_decay": wd})
     if not groups:
-        raise ConfigError(f"train={config.train!r} leaves nothing to train")
+        raise ConfigError(f"train={','.join(config.model.train) or 'none'} leaves nothing to train")
     return groups
 
 
@@ -217,13 +225,20 @@ class TrainResult:
     adapter_dir: Path | None = None
 
 
-def train(**options: Any) -> TrainResult:
-    """Fine-tune a VLM; the options are `TrainConfig`'s fields (the flags of ``tinyvlm train``)."""
-    return run(make_config(**options))
+def train(config: TrainConfig | None = None, **fields: Any) -> TrainResult:
+    """Fine-tune a VLM: ``tinyvlm train`` in Python.
+
+    ``config`` is a whole `TrainConfig` (its sections: model, data, optimization, lora, evaluation,
+    checkpointing, runtime). ``fields`` are options by their flat names, the flags of ``tinyvlm train`` without
+    dashes (``model="test-vlm", data="train.jsonl", output_dir="runs/a", max_steps=200, learning_rate=1e-3``;
+    the older names such as ``lr`` and ``output`` too), or whole sections (``optimization={"max_steps": 200}``),
+    applied over ``config``. An unknown name or a bad value is a `ConfigError` naming it. docs/training.md
+    lists every option; so does ``tinyvlm train --help``."""
+    return run(config if config is not None and not fields else make_config(config, **fields))
 
 
 def run(config: TrainConfig) -> TrainResult:
-    processes = start_processes(config.device, group=config.strategy == "fsdp")
+    processes = start_processes(config.runtime.device, group=config.runtime.strategy == "fsdp")
     try:
         with contextlib.ExitStack() as cleanup:
             return _run(config, processes, cleanup)
@@ -233,45 +248,51 @@ def run(config: TrainConfig) -> TrainResult:
 
 
 def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStack) -> TrainResult:
-    set_threads(config.threads)
-    output = config.output
+    runtime, evaluation, checkpointing = config.runtime, config.evaluation, config.checkpointing
+    set_threads(runtime.threads)
+    output = checkpointing.output_dir
     existing = checkpoint_dirs(output)
-    if config.resume and not existing:
+    if checkpointing.resume and not existing:
         raise ConfigError(f"--resume: no checkpoint under {output / CHECKPOINTS} to resume from")
-    if not config.resume and (existing or (output / METRICS).exists()):
+    if not checkpointing.resume and (existing or (output / METRICS).exists()):
         raise ConfigError(
-            f"{output} already holds a training run; pass --resume to continue it or choose another --output"
+            f"{output} already holds a training run; pass --resume to continue it or choose another --output-dir"
         )
-    if config.resume:
+    if checkpointing.resume:
         check_resumable(existing[-1], config)
     if processes.main:
-        check_installed(config.report_to)
-    progress = Progress(0, 0, show_bar=config.progress, main=processes.main)
+        check_installed(runtime.report_to)
+    progress = Progress(0, 0, show_bar=runtime.progress, main=processes.main)
 
     opened = open_data(config)
-    strategy = make_strategy(config.strategy, processes)
+    strategy = make_strategy(runtime.strategy, processes)
     vlm = build_model(config, strategy.build_device)
     settings = config.resolved(vlm.config.training, vlm.decoder.config.max_position_embeddings)
     lora = config.lora_settings
-    freeze(vlm, config.parts, lora.parts if lora is not None else ())
+    freeze(vlm, config.model.train, lora.parts if lora is not None else ())
     processor = vlm.processor
     batch_size = settings.batch_size
     data = prepare_data(opened, config, processor, max_length=settings.max_length, batch_size=batch_size,
-                        grad_accum=settings.grad_accum, world_size=processes.world_size, rank=processes.rank)
+                        grad_accum=settings.grad_accum, world_size=processes.world_size, rank=processes.rank,
+                        warn=progress.result)
     max_steps = data.max_steps
-    warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * max_steps)
+    if checkpointing.resume:
+        check_extends(existing[-1], max_steps)
+    # From max_steps on every start: extending a run (a larger max_steps on resume) stretches the warm-up (when it
+    # is the default share) and the cosine to the new last step, as transformers' Trainer does on resume.
+    warmup = warmup_steps_for(config, max_steps)
     progress.total = max_steps
 
-    if config.activation_checkpointing:
+    if runtime.gradient_checkpointing:
         checkpoint_activations(vlm)
-    model = strategy.wrap(vlm, compile=config.compile)
+    model = strategy.wrap(vlm, compile=runtime.torch_compile)
     optimizer = torch.optim.AdamW(
         param_groups(vlm, config, settings.lrs), betas=(0.9, 0.95), eps=1e-8,
         fused=processes.device.type == "cuda",
     )
     start, too_long = 0, 0
     metrics = MetricsLog(output / METRICS, processes.main)
-    if config.resume:
+    if checkpointing.resume:
         start = load_checkpoint(existing[-1], vlm, optimizer, strategy)
         position = read_data_position(existing[-1])
         data.mixture.restore(position)
@@ -280,30 +301,31 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         progress.message(f"resumed from {existing[-1]} (step {start})")
     if processes.main:
         output.mkdir(parents=True, exist_ok=True)
-        if config.report_to:
-            metrics.trackers = open_trackers(config.report_to, output, config.project, config.model_dump(mode="json"),
+        if runtime.report_to:
+            metrics.trackers = open_trackers(runtime.report_to, output, runtime.project, config.model_dump(mode="json"),
                                              resumed_step=start)
             cleanup.callback(metrics.close)
     processes.barrier()
 
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
+    use_bf16 = runtime.precision == "bf16" or (runtime.precision == "auto" and processes.device.type == "cuda")
     autocast = torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
     maker = SampleMaker(processor, max_length=settings.max_length)
-    collator = Collator(pad_id=processor.pad_token_id, packed=config.pack, max_length=settings.max_length)
+    collator = Collator(pad_id=processor.pad_token_id, packed=config.data.pack, max_length=settings.max_length)
 
     def loader(index_lists: Iterable[list[Any]]) -> Iterator[MicroBatch]:
-        return load(index_lists, maker, collator, workers=config.workers, prefetch_factor=config.prefetch_factor,
-                    pin_memory=processes.device.type == "cuda", seed=config.seed)
+        return load(index_lists, maker, collator, workers=runtime.dataloader_num_workers,
+                    prefetch_factor=runtime.dataloader_prefetch_factor, pin_memory=processes.device.type == "cuda",
+                    seed=runtime.seed)
 
     def run_eval() -> dict[str, float]:
         items = [item for _, item in data.held_out]
         starts = range(processes.rank * batch_size, len(items), processes.world_size * batch_size)
         with strategy.full_weights(vlm):
             values = evaluate(
-                vlm, loader(items[i : i + batch_size] for i in starts), data.held_out, eval_samples=config.eval_samples,
-                batch_size=batch_size, max_new_tokens=config.max_new_tokens, processes=processes, autocast=autocast,
+                vlm, loader(items[i : i + batch_size] for i in starts), data.held_out, eval_samples=evaluation.samples,
+                batch_size=batch_size, max_new_tokens=evaluation.max_new_tokens, processes=processes, autocast=autocast,
                 progress=progress,
             )
         progress.activity(None)
@@ -325,7 +347,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
     skipped_where: list[str] = []
     for step in range(start, max_steps):
         step_began = time.perf_counter()
-        factor = lr_factor(step, max_steps=max_steps, warmup_steps=warmup, min_lr_ratio=config.min_lr_ratio)
+        factor = lr_factor(step, max_steps=max_steps, warmup_steps=warmup, min_lr_ratio=config.optimization.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
         with step_threads() as step_size:
@@ -365,7 +387,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         window_time += time.perf_counter() - step_began
         tokens_per_s = window_tokens / max(window_time, 1e-9)
         done = step + 1
-        if done % config.log_every == 0 or done == max_steps:
+        if done % runtime.logging_steps == 0 or done == max_steps:
             length = data.mixture.length
             epoch = None if length is None else done * data.batches.global_batch / length
             counts = skipped_counts(done)
@@ -378,16 +400,16 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
             window_tokens, window_time = 0.0, 0.0
         else:
             progress.update(done, loss, tokens_per_s)
-        if data.held_out and config.eval_every and done % config.eval_every == 0 and done != max_steps:
+        if data.held_out and evaluation.steps and done % evaluation.steps == 0 and done != max_steps:
             last_eval = run_eval()
             metrics.write(step=done, **last_eval)
             progress.result(_eval_line(done, last_eval))
-        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == max_steps):
+        if checkpointing.save_steps and (done % checkpointing.save_steps == 0 or done == max_steps):
             position = {**data.batches.state_at(done), "too_long": too_long}
             model_tensors = strategy.model_state(vlm)  # gathered on rank 0 under FSDP (every process takes part)
             optimizer_state = strategy.optimizer_state(vlm, optimizer)
             if processes.main:
-                save_checkpoint(output, done, vlm, optimizer_state, config, config.keep_checkpoints,
+                save_checkpoint(output, done, vlm, optimizer_state, config, checkpointing.save_total_limit,
                                 data_position=position, model_tensors=model_tensors)
             processes.barrier()
     progress.close()
@@ -408,7 +430,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         if processes.main:
             save_adapter(vlm, adapter_dir)
             progress.result(f"saved the LoRA adapter to {adapter_dir} (load it with "
-                             f"tinyvlm.load_vlm({config.model!r}, adapter='{adapter_dir}'))")
+                             f"tinyvlm.load_vlm({config.model.name!r}, adapter='{adapter_dir}'))")
         processes.barrier()
         return TrainResult(model_dir=None, steps=max_steps, final_loss=loss, metrics=last_eval, skipped=counts,
                            adapter_dir=adapter_dir)
