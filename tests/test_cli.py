@@ -320,6 +320,7 @@ def test_train_flags_take_trainingarguments_names_old_names_and_underscores(flag
     (["eval", "--model", "m", "--task", "mmstar", "--limt", "3"], "tinyvlm eval: error: unknown flag --limt; did you mean --limit?"),
     (["serve", "--model", "m", "--max-bach", "3"], "tinyvlm serve: error: unknown flag --max-bach; did you mean --max-batch?"),
     (["list-models", "--jsn"], "tinyvlm list-models: error: unknown flag --jsn; did you mean --json?"),
+    (["trian", "--data", "d.jsonl"], "tinyvlm: error: unknown command trian; did you mean train?"),
 ])
 def test_an_unknown_flag_is_one_line_naming_the_closest_one(args, line):
     result = _cli(*args)

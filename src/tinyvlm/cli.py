@@ -21,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = _subparsers(parser)
     if command in commands:
         check_flags(commands[command], argv[argv.index(command) + 1 :])
+    elif command is not None:
+        close = difflib.get_close_matches(command, list(commands), n=1)
+        parser.error(f"unknown command {command}" + (f"; did you mean {close[0]}?" if close else ""))
     args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
@@ -37,10 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (``tinyvlm train: error: ...``, exit status 2) instead of a usage
-    dump, and no abbreviated flags (``--max-step`` is unknown, not ``--max-steps``)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options, allow_abbrev=False)
+    dump. (Abbreviated flags never reach it: `check_flags` refuses ``--max-step``, it does not mean
+    ``--max-steps``.)"""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -60,14 +60,15 @@ def held_out(seed: int, source: str, index: int, val_fraction: float) -> bool:
 
 
 class HoldOut:
-    """The held-out rows of a dataset: those `held_out` picks, and, when it picks none of the ``length`` rows of
-    a dataset whose length is known, the one of smallest hash (a small file, e.g. 32 rows at 5 %, otherwise
+    """The held-out rows of a dataset: those `held_out` picks, and, when it picks none of the rows of a dataset
+    whose length is known (two rows or more), the one of smallest hash (a small file, e.g. 32 rows at 5 %, otherwise
     holds out nothing about one time in five). Finding out reads no row: it hashes indices until the first
     held-out one, about ``1 / fraction`` of them, so datasets that have held-out rows keep exactly those."""
 
     def __init__(self, rows: Rows, *, seed: int, fraction: float):
         self.seed, self.source, self.fraction = seed, rows.identity, fraction
-        self.fallback = _smallest_hash_row(seed, self.source, fraction, rows.length) if rows.length else None
+        # (never the only row: a dataset of one row trains on it)
+        self.fallback = _smallest_hash_row(seed, self.source, fraction, rows.length) if (rows.length or 0) > 1 else None
 
     def __contains__(self, index: int) -> bool:
         return held_out(self.seed, self.source, index, self.fraction) or index == self.fallback

@@ -267,7 +267,7 @@ class EvaluationSection(Options):
             raise ValueError("val_split is the split of val_data: give val_data too")
         if self.data is not None and self.fraction is not None:
             raise ValueError("give val_data or val_fraction, not both")
-        if self.steps and self.held_out_fraction == 0 and self.data is None:
+        if self.steps and self.fraction == 0:
             raise ValueError("eval_steps asks for evaluations, but val_fraction 0 holds nothing out: give val_data, "
                              "or a val_fraction above 0")
         return self
@@ -639,11 +639,6 @@ def _leaf_problems(problems: list[Any], prefix: tuple[str, ...]) -> Iterator[dic
             yield from _leaf_problems(nested, where)
         else:
             yield {**item, "loc": where}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of a flat name: ``max_steps`` -> ``--max-steps``."""
-    return "--" + name.replace("_", "-")
 
 
 def make_config(base: TrainConfig | None = None, /, **fields: Any) -> TrainConfig:
