@@ -178,3 +178,8 @@ def test_a_large_dataset_holds_out_the_rows_of_the_hash_rule(folder: Path) -> No
     hold_out = HoldOut(rows, seed=0, fraction=0.05)
     assert hold_out.fallback is None
     assert [i for i in range(5000) if i in hold_out] == [i for i in range(5000) if held_out(0, rows.identity, i, 0.05)]
+
+
+def test_a_one_row_dataset_keeps_its_row_for_training(tmp_path: Path) -> None:
+    rows = open_rows(parse_source(str(write_parquet(tmp_path / "z.parquet", "the_cauldron", cauldron_rows(1)))), "train")
+    assert not held_out(0, rows.identity, 0, 0.05) and 0 not in HoldOut(rows, seed=0, fraction=0.05)
