@@ -129,7 +129,7 @@ def test_info_on_a_smolvlm_folder_written_by_transformers(tmp_path, capsys):
     assert (info["kind"], info["family"]) == ("vlm", "smolvlm")
     assert info["params"] == sum(p.numel() for p in reference.parameters())
     assert info["config"]["parts"]["image_token_id"] == reference.config.image_token_id
-    assert info["config"]["image_tokens"]["layout"] == "smolvlm"
+    assert info["config"]["image_tokens"]["token_layout"] == "smolvlm"
 
 
 def test_info_on_a_nanovlm_folder(tmp_path, capsys):

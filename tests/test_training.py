@@ -45,7 +45,7 @@ def vlm():
     with torch.no_grad():  # a spread at which context matters (the 0.02 init is near-uniform attention)
         for weight in model.decoder.parameters():
             if weight.dim() == 2:
-                weight.normal_(std=0.2)
+                weight.copy_(torch.randn(weight.shape) * 0.2)  # the same values in any weight layout
     return model
 
 

@@ -261,7 +261,7 @@ def test_save_and_load_give_identical_logits(vlm: VLM, tmp_path: Path) -> None:
             after = loaded(**loaded.processor("Describe <image>", [picture(6)])).logits
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["schema_version"] == 1 and saved["parts"]["projector"]["config"]["factor"] == 2
+    assert saved["schema_version"] == 2 and saved["parts"]["projector"]["config"]["factor"] == 2
 
 
 def test_load_from_a_hub_repo(hub, tmp_path: Path) -> None:
@@ -394,14 +394,16 @@ def test_recipe_param_counts_match_the_prior_art() -> None:
     assert tinyvlm.get_spec("nanovlm-460m").params == 86_433_024 + 361_821_120 + 11_796_480
 
 
-def test_recipe_builds_by_name_and_edited_config_passes_back() -> None:
+def test_recipe_builds_by_name_with_overrides_and_a_config_object_is_refused() -> None:
     vlm = build_vlm("test-vlm", pretrained=False)
     assert vlm.projector.factor == 2 and vlm.config.encoder == "test-siglip"
-    edited = tinyvlm.get_spec("test-vlm").config.replace(projector="mlp", projector_kwargs={}, decoder="test-gemma3")
-    other = build_vlm(edited, pretrained=False)
-    assert other.projector.factor == 1 and type(other.decoder).__name__ == "Gemma3"
+    other = build_vlm("test-vlm", projector="mlp", pretrained=False, projector_kwargs={"factor": 1})
+    assert other.projector.factor == 1 and other.config.projector == "mlp"
     overridden = build_vlm("test-vlm", pretrained=False, projector_kwargs={"factor": 4})
     assert overridden.projector.factor == 4
+    edited = tinyvlm.get_spec("test-vlm").config.replace(decoder="test-gemma3")
+    with pytest.raises(ConfigError, match=r"^build_vlm takes names .* not a VLMConfig: register the recipe"):
+        build_vlm(edited, pretrained=False)
 
 
 def test_recipes_build_on_meta_without_downloads() -> None:

@@ -239,8 +239,9 @@ _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetitio
 def cmd_generate(args: argparse.Namespace) -> int:
     from tinyvlm.devices import check_device, default_device, parse_dtype
     from tinyvlm.errors import ConfigError
+    from tinyvlm.api import build_vlm, load_vlm
     from tinyvlm.inference.threads import set_threads
-    from tinyvlm.api import build_vlm, open_vlm
+    from tinyvlm.sources import resolve
 
     check_sampling_flags({name: getattr(args, name) for name in _SAMPLING_FLAGS})  # before the model is loaded
     runtime = runtime_options(args)
@@ -250,12 +251,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        vlm = open_vlm(args.model, dtype=dtype, device=device, quantize=runtime.quantize)
+        source = resolve(args.model, "vlm")  # once: trained files are loaded, a recipe built
+        door = load_vlm if source.has_files else build_vlm
+        vlm = door(source, dtype=dtype, device=device, quantize=runtime.quantize)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
         vlm = build_vlm(args.encoder, args.decoder, args.projector, dtype=dtype, device=device, quantize=runtime.quantize)
-    vlm.prepare_for_inference()
     pieces = vlm.stream(
         args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, raw=args.raw,
@@ -481,10 +483,10 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from tinyvlm.api import load_vlm
     from tinyvlm.interop.lora import merge_adapter
-    from tinyvlm.api import with_adapter
 
-    vlm = with_adapter(args.base, args.adapter, dtype=args.dtype, device=None)
+    vlm = load_vlm(args.base, adapter=args.adapter, dtype=args.dtype)
     folder = merge_adapter(vlm).save_pretrained(args.output)
     print(f"merged {args.adapter} into {args.base}: {folder} (load it with tinyvlm.load_vlm({str(folder)!r}))")
     return 0
@@ -503,9 +505,26 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tinyvlm.interop.transformers import export
+    from tinyvlm.api import build_decoder, build_vlm, load_vlm
+    from tinyvlm.errors import ConfigError
+    from tinyvlm.registry import family_for_config
+    from tinyvlm.sources import resolve
+    from tinyvlm.tokenizer import Tokenizer
 
-    kind, folder = export(args.name, args.output)
+    source = resolve(args.name)  # once: a VLM (saved, trained, or a recipe) or a decoder
+    if source.spec is not None:
+        kind = source.spec.kind
+    else:
+        kind = family_for_config(source.config_json(), where=source.name).kind
+    if kind == "vlm":
+        vlm = load_vlm(source) if source.has_files else build_vlm(source)
+        folder = vlm.save_pretrained(args.output, layout="transformers")
+    elif kind == "decoder":
+        tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
+        folder = build_decoder(source).save_pretrained(args.output, layout="transformers", tokenizer=tokenizer)
+    else:
+        raise ConfigError(f"{args.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}: export writes VLMs "
+                          "(Idefics3) and decoders (LlamaForCausalLM / Gemma3ForCausalLM)")
     layout = "Idefics3" if kind == "vlm" else "causal LM"
     print(f"exported the {kind} {args.name} to {folder} (transformers {layout} layout)")
     return 0
@@ -584,8 +603,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tinyvlm.errors import ConfigError
     from tinyvlm.serve.app import run
     from tinyvlm.serve.config import ServeConfig
+    from tinyvlm.api import build_vlm, load_vlm
     from tinyvlm.inference.threads import set_threads
-    from tinyvlm.api import build_vlm, open_vlm
+    from tinyvlm.sources import resolve
 
     config = validated(ServeConfig, given_options(args, ServeConfig))
     set_threads(config.threads)
@@ -593,13 +613,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        name, vlm = args.model, open_vlm(args.model, device=device, quantize=config.quantize)
+        source = resolve(args.model, "vlm")  # once: trained files are loaded, a recipe built
+        door = load_vlm if source.has_files else build_vlm
+        name, vlm = args.model, door(source, device=device, quantize=config.quantize)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
         name = f"{args.encoder}+{args.decoder}"
         vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device, quantize=config.quantize)
-    run(vlm.prepare_for_inference(), name, config)
+    run(vlm, name, config)
     return 0
 
 

@@ -11,6 +11,9 @@ from decoder_twins import randomize_, rel_err, save_twin
 import tinyvlm
 from tinyvlm.errors import ConfigError
 from tinyvlm.generation import filter_logits
+from tinyvlm.inference import products
+from tinyvlm.inference.prepare import prepare_for_inference
+from tinyvlm.inference.products import SPLIT_MIN_NUMEL, split_linear
 
 
 @pytest.fixture(scope="module", params=["test-llama", "test-gemma3"])
@@ -339,7 +342,7 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     ids = ids_of(1, 12)
     with torch.no_grad():
         logits = model(ids).logits
-    model.prepare_for_inference()
+    prepare_for_inference(model)
     state = model.state_dict()
     assert state.keys() == before.keys()
     assert all(torch.equal(state[name], value) for name, value in before.items())
@@ -355,7 +358,7 @@ def test_decoding_layout_keeps_names_values_and_training(decoder):
     model(ids).logits.logsumexp(-1).mean().backward()
     assert q.grad is not None and q.grad.shape == q.shape and q.grad.abs().sum() > 0
     low = model.to(torch.bfloat16)
-    low.prepare_for_inference()
+    prepare_for_inference(low)
     assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major
 
 
@@ -369,7 +372,7 @@ def test_fused_projections_decode_as_the_parts(decoder):
     with torch.no_grad():
         separate = model(ids).logits
         tokens = model.generate(ids, max_new_tokens=12, eos_token_id=[])
-        model.prepare_for_inference()
+        prepare_for_inference(model)
         mlp = model.layers[0].mlp
         assert [sizes for _, sizes in mlp.fused.groups] == [[mlp.gate_proj.out_features, mlp.up_proj.out_features]]
         assert rel_err(model(ids).logits, separate) <= 1e-6
@@ -389,13 +392,13 @@ def test_fused_projections_decode_as_the_parts(decoder):
         moved = model.to(torch.float64)  # new storage for every part: the fusions no longer apply
         assert not moved.layers[0].self_attn.fused.current(moved.layers[0].self_attn)
         assert rel_err(moved(ids.clone()).logits.float(), separate) <= 1e-6
-    moved.prepare_for_inference()  # fuses again, except the hooked up_proj, which keeps its own product
+    prepare_for_inference(moved)  # fuses again, except the hooked up_proj, which keeps its own product
     assert moved.layers[0].self_attn.fused.current(moved.layers[0].self_attn)
     assert moved.layers[0].mlp.fused is None and moved.layers[1].mlp.fused is not None
 
 
 def test_generate_never_changes_the_weights(decoder):
-    """The decoding layout is the explicit prepare_for_inference step: generating (as training's evaluation
+    """The decoding layouts are the explicit prepare_for_inference step: generating (as training's evaluation
     does) leaves every parameter's storage, strides and values as they were."""
     import copy
 
@@ -421,8 +424,6 @@ def threads():
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("column_major", [False, True])
 def test_split_linear_is_bit_identical(threads, parts, column_major):
-    from tinyvlm.layers import SPLIT_MIN_NUMEL, split_linear
-
     threads(parts)
     torch.manual_seed(0)
     weight = torch.randn(6 * 512, SPLIT_MIN_NUMEL // (6 * 512) + 7)
@@ -437,10 +438,8 @@ def test_split_linear_is_bit_identical(threads, parts, column_major):
 def test_split_decoding_equals_one_thread(decoder, threads, monkeypatch):
     """Every product of a decoding step split over threads (the tiny twin's matrices are below the size
     where that pays, so the threshold is lowered): logits bit-identical to one thread, same greedy tokens."""
-    import tinyvlm.layers
-
     ids = ids_of(1, 20)
-    decoder.prepare_for_inference()  # as build_decoder does (the layout picks the kernel)
+    prepare_for_inference(decoder)  # as build_decoder does (the layout picks the kernel)
 
     def decode() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -451,7 +450,7 @@ def test_split_decoding_equals_one_thread(decoder, threads, monkeypatch):
 
     threads(1)
     step, tokens = decode()
-    monkeypatch.setattr(tinyvlm.layers, "SPLIT_MIN_NUMEL", 0)
+    monkeypatch.setattr(products, "SPLIT_MIN_NUMEL", 0)
     threads(2)
     split_step, split_tokens = decode()
     assert torch.equal(split_step, step)
