@@ -12,7 +12,8 @@ from PIL import Image
 
 from tinyvlm.cli import main
 from tinyvlm.data import read_records
-from tinyvlm.demo import ANSWERS, CHANCE, COLOURS, POSITIONS, make_shapes_dataset, question_kind
+from tinyvlm.demo import question_kind
+from tinyvlm.evaluation.shapes import ANSWERS, CHANCE, COLOURS, POSITIONS, make_shapes_dataset
 
 
 def test_dataset_is_deterministic_and_balanced(tmp_path: Path) -> None:

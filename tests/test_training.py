@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import tinyvlm
 from tinyvlm.data import IGNORE_INDEX, collate, encode_records, read_records
-from tinyvlm.demo import make_shapes_dataset
+from tinyvlm.evaluation.shapes import make_shapes_dataset
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.training.config import make_config, parse_parts
 from tinyvlm.training.loop import build_model, lr_factor, summed_loss

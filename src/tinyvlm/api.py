@@ -31,6 +31,7 @@ here too (`tinyvlm.registry.register_writer`): the model layers cannot import `t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,8 @@ def build_vlm(
     with fixed_threads(threads):
         vlm = _assemble(
             encoder, decoder, projector, pretrained=pretrained, dtype=dtype, device=device,
-            options=_Options(encoder_kwargs, decoder_kwargs, projector_kwargs, processor_kwargs), quantize=quantize,
+            options=_Options(encoder_kwargs or {}, decoder_kwargs or {}, projector_kwargs or {}, processor_kwargs or {}),
+            quantize=quantize,
         )  # fmt: skip
         return prepare_for_inference(vlm, threads=threads)
 
@@ -243,12 +245,14 @@ def load_vlm(
         return prepare_for_inference(vlm, threads=threads)
 
 
+@dataclass(frozen=True)
 class _Options:
-    """The per-part config overrides of `build_vlm`."""
+    """The per-part config overrides of `build_vlm` (``*_kwargs``)."""
 
-    def __init__(self, encoder: dict[str, Any] | None, decoder: dict[str, Any] | None,
-                 projector: dict[str, Any] | None, processor: dict[str, Any] | None) -> None:
-        self.encoder, self.decoder, self.projector, self.processor = encoder or {}, decoder or {}, projector or {}, processor or {}
+    encoder: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] = field(default_factory=dict)
+    projector: dict[str, Any] = field(default_factory=dict)
+    processor: dict[str, Any] = field(default_factory=dict)
 
 
 def _assemble(
@@ -326,7 +330,7 @@ def _with_adapter(
         base = _read_vlm(source, dtype=dtype, device=device, quantize=quantize)
     elif "projector" in saved:
         base = _assemble(source, None, None, pretrained=True, dtype=dtype, device=device,
-                         options=_Options(None, None, None, None), quantize=quantize)
+                         options=_Options(), quantize=quantize)
     else:
         raise ConfigError(
             f"{source.name!r} is a recipe, whose projector is freshly initialised, and the adapter {adapter} does not "

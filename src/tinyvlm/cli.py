@@ -9,8 +9,11 @@ import sys
 from typing import Sequence
 
 from tinyvlm import __version__
-from tinyvlm.errors import TinyVLMError
-from tinyvlm.registry import KINDS, ModelSpec, list_models
+from tinyvlm.config import RuntimeOptions, describe_options
+from tinyvlm.errors import ConfigError, TinyVLMError
+from tinyvlm.inference.threads import set_threads
+from tinyvlm.registry import KINDS, ModelSpec, family_for_config, list_models, measure
+from tinyvlm.sources import download_model, is_cached, resolve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,7 +90,6 @@ def _format_params(params: int | None) -> str:
 def _row(spec: ModelSpec) -> dict[str, object]:
     """One zoo entry as ``--json`` prints it: the spec without its config, plus ``cached`` (true / false, or
     null when there is nothing to download)."""
-    from tinyvlm.sources import is_cached
 
     row = spec.to_json()
     row.pop("config_json")
@@ -129,7 +131,6 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from tinyvlm.sources import resolve
 
     source = resolve(args.name)
     if source.spec is not None:
@@ -152,7 +153,6 @@ def describe_checkpoint(source) -> dict[str, object]:
     that family reads them: a VLM layout's full `VLMConfig`), parameters and width (measured on the meta
     device) and where its files are."""
     from tinyvlm.api import part_config
-    from tinyvlm.registry import family_for_config, measure
 
     family = family_for_config(source.config_json(), where=source.name)
     if family.read is not None:
@@ -174,7 +174,6 @@ def describe_checkpoint(source) -> dict[str, object]:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from tinyvlm.sources import download_model
 
     for name in args.names:
         for model, folder in download_model(name):
@@ -220,14 +219,12 @@ def add_runtime_flags(parser: argparse.ArgumentParser, *, with_flags: bool) -> N
     """``--quantize`` and ``--threads``: the fields of `tinyvlm.config.RuntimeOptions`, for a command that runs
     a model (added when ``with_flags``: that command is the one running); `runtime_options` reads them."""
     if with_flags:
-        from tinyvlm.config import RuntimeOptions
 
         add_config_flags(parser, RuntimeOptions)
 
 
 def runtime_options(args: argparse.Namespace):
     """The `tinyvlm.config.RuntimeOptions` given on the command line, validated."""
-    from tinyvlm.config import RuntimeOptions
 
     return validated(RuntimeOptions, given_options(args, RuntimeOptions))
 
@@ -238,10 +235,7 @@ _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetitio
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tinyvlm.devices import check_device, default_device, parse_dtype
-    from tinyvlm.errors import ConfigError
     from tinyvlm.api import build_vlm, load_vlm
-    from tinyvlm.inference.threads import set_threads
-    from tinyvlm.sources import resolve
 
     check_sampling_flags({name: getattr(args, name) for name in _SAMPLING_FLAGS})  # before the model is loaded
     runtime = runtime_options(args)
@@ -270,7 +264,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def check_sampling_flags(values: dict[str, object]) -> None:
     """Validate the sampling flags as `SamplingConfig` does; a `ConfigError` names the flags."""
-    from tinyvlm.errors import ConfigError
     from tinyvlm.generation import SamplingConfig
 
     try:
@@ -422,7 +415,6 @@ def read_config_file(path: str, model: type) -> dict[str, object]:
     (``max-steps``); an unknown key is a `ConfigError` naming the valid ones."""
     from pathlib import Path
 
-    from tinyvlm.errors import ConfigError
 
     file = Path(path)
     try:
@@ -452,8 +444,6 @@ def read_config_file(path: str, model: type) -> dict[str, object]:
 
 def validated(model: type, options: dict[str, object]):
     """``model(**options)`` (an `Options` class), its `ConfigError` reworded to name the flags."""
-    from tinyvlm.config import describe_options
-    from tinyvlm.errors import ConfigError
 
     try:
         return model(**options)
@@ -506,9 +496,6 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tinyvlm.api import build_decoder, build_vlm, load_vlm
-    from tinyvlm.errors import ConfigError
-    from tinyvlm.registry import family_for_config
-    from tinyvlm.sources import resolve
     from tinyvlm.tokenizer import Tokenizer
 
     source = resolve(args.name)  # once: a VLM (saved, trained, or a recipe) or a decoder
@@ -600,12 +587,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_server_stack()  # before the model is loaded
     from tinyvlm.devices import check_device, default_device
-    from tinyvlm.errors import ConfigError
     from tinyvlm.serve.app import run
     from tinyvlm.serve.config import ServeConfig
     from tinyvlm.api import build_vlm, load_vlm
-    from tinyvlm.inference.threads import set_threads
-    from tinyvlm.sources import resolve
 
     config = validated(ServeConfig, given_options(args, ServeConfig))
     set_threads(config.threads)

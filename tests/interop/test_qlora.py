@@ -174,7 +174,7 @@ def test_gradients_through_the_quantized_base_equal_those_of_its_dequantized_wei
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tinyvlm.demo import make_shapes_dataset
+    from tinyvlm.evaluation.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), count=24, seed=1)
 

