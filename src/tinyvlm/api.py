@@ -43,7 +43,9 @@ from tinyvlm.decoders.base import DecoderConfig
 from tinyvlm.devices import check_device, parse_dtype
 from tinyvlm.errors import ConfigError
 from tinyvlm.inference.prepare import prepare_for_inference
-from tinyvlm.inference.quantize import LoadQuantizer, check_quantize, check_target, quantize_decoder, quantized_structure
+from tinyvlm.inference.quantize import (
+    LoadQuantizer, check_quantize, check_target, quantize_decoder, quantized_structure,
+)
 from tinyvlm.inference.threads import fixed_threads
 from tinyvlm.interop.lora import load_adapter, read_adapter_config
 from tinyvlm.interop.transformers import save_hf_decoder, save_idefics3
@@ -63,9 +65,9 @@ Name = str | Path | Source
 def source_of(name: Name, kind: Kind, *, door: str) -> Source:
     """``name`` resolved (a `Source` is taken as it is, after checking that a zoo entry is of ``kind``)."""
     if not isinstance(name, (str, Path, Source)):
-        hint = " (tinyvlm.register_model) and build it by its key" if isinstance(name, VLMConfig) else ""
+        advice = ": register it as a recipe (tinyvlm.register_model) and build that" if isinstance(name, VLMConfig) else ""
         raise ConfigError(f"{door} takes names (a zoo key, hf-hub:ORG/NAME, local-dir:PATH or a folder), not a "
-                          f"{type(name).__name__}" + (f": register the recipe{hint}" if hint else ""))
+                          f"{type(name).__name__}{advice}")
     if isinstance(name, Source):
         if name.spec is not None:
             get_spec(name.spec.key, kind=kind)  # a zoo entry of another kind says what it is
@@ -211,7 +213,8 @@ def build_vlm(
     with fixed_threads(threads):
         vlm = _assemble(
             encoder, decoder, projector, pretrained=pretrained, dtype=dtype, device=device,
-            options=_Options(encoder_kwargs or {}, decoder_kwargs or {}, projector_kwargs or {}, processor_kwargs or {}),
+            options=_Options(encoder_kwargs or {}, decoder_kwargs or {}, projector_kwargs or {},
+                             processor_kwargs or {}),
             quantize=quantize,
         )  # fmt: skip
         return prepare_for_inference(vlm, threads=threads)

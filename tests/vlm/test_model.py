@@ -402,7 +402,8 @@ def test_recipe_builds_by_name_with_overrides_and_a_config_object_is_refused() -
     overridden = build_vlm("test-vlm", pretrained=False, projector_kwargs={"factor": 4})
     assert overridden.projector.factor == 4
     edited = tinyvlm.get_spec("test-vlm").config.replace(decoder="test-gemma3")
-    with pytest.raises(ConfigError, match=r"^build_vlm takes names .* not a VLMConfig: register the recipe"):
+    refused = r"^build_vlm takes names .* not a VLMConfig: register it as a recipe \(tinyvlm.register_model\)"
+    with pytest.raises(ConfigError, match=refused):
         build_vlm(edited, pretrained=False)
 
 

@@ -43,7 +43,7 @@ from tinyvlm.inference.products import (
 )
 from tinyvlm.inference.quantize import QuantizedMatrix
 from tinyvlm.inference.threads import ThreadChoice
-from tinyvlm.layers import Attention, Embedding, GatedMLP
+from tinyvlm.layers import Attention, Embedding, GatedMLP, LayerCache
 from tinyvlm.vlm.model import VLM
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -65,7 +65,9 @@ class DecodingAttention(Attention):
 
     fused: FusedLinears | None = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache=None) -> Tensor:  # type: ignore[no-untyped-def]
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: LayerCache | None = None
+    ) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.heads(*FusedLinears.outputs(self, QKV, x), rope, cache)
         if B == 1 and T == 1 and x.device.type == "cpu":
