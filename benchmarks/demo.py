@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tinyvlm.demo import CHANCE, IMAGES, STEPS, THREADS, run_demo
+from tinyvlm.demo import IMAGES, STEPS, THREADS, run_demo
+from tinyvlm.evaluation.shapes import CHANCE
 
 
 def main() -> None:

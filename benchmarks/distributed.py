@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tinyvlm.demo import make_shapes_dataset
+from tinyvlm.evaluation.shapes import make_shapes_dataset
 
 
 def losses(run: Path) -> list[float]:

@@ -27,7 +27,8 @@ import torch
 
 import tinyvlm
 from tinyvlm.data import read_records
-from tinyvlm.demo import BATCH_SIZE, CHANCE, IMAGES, LEARNING_RATE, STEPS, build_demo_vlm, demo_tokenizer, make_shapes_dataset
+from tinyvlm.demo import BATCH_SIZE, IMAGES, LEARNING_RATE, STEPS, build_demo_vlm, demo_tokenizer
+from tinyvlm.evaluation.shapes import CHANCE, make_shapes_dataset
 from tinyvlm.evaluation.shapes import choice_questions, write_mmstar_parquet, write_training_data
 
 

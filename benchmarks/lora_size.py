@@ -20,6 +20,7 @@ import torch
 import tinyvlm
 from tinyvlm.interop.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, count_parameters, save_adapter
 from tinyvlm.interop.lora_settings import DEFAULT_TARGETS, LoraSettings
+from tinyvlm.vlm.model import assemble
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with torch.device("meta"):
-        vlm = tinyvlm.VLM.from_config(tinyvlm.get_spec(args.model, kind="vlm").config)
+        vlm = assemble(tinyvlm.get_spec(args.model, kind="vlm").config)
     settings = LoraSettings(rank=args.rank, targets=tuple(args.targets.split(",")), parts=tuple(args.parts.split(",")))
     add_lora(vlm, settings, full_parts=("projector",), base_name=args.model)
     trainable, total = count_parameters(vlm)

@@ -6,7 +6,7 @@ decoder's weights at batch 1, and what that leaves for everything else.
 For the model's shapes (every linear layer of every block, each its own matrix so that they are read from
 memory as in decoding, not from cache; and the LM head), one bf16 / fp32 input row is multiplied by:
 
-* ``fp32``: fp32 weights in tinyvlm's decoding layout, multiplied as tinyvlm does (``layers.split_linear``:
+* ``fp32``: fp32 weights in tinyvlm's decoding layout, multiplied as tinyvlm does (``inference.products.split_linear``:
   one row's product spread over the threads);
 * ``int8 kernel``: ``aten._weight_int8pack_mm`` (per-row scales, bf16 input);
 * ``int8 nibbles``: the same int8 values through ``aten._weight_int4pack_mm_for_cpu`` as ``16 h + l``
@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-from tinyvlm.layers import split_linear
+from tinyvlm.inference.products import split_linear
 from tinyvlm.inference.quantize import QuantizedMatrix, int8_to_nibbles
 
 SHAPES = {  # (hidden, q width, kv width, intermediate, layers, vocab)

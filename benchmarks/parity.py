@@ -5,7 +5,7 @@
 
 Families: SigLIP (``SiglipModel``; SigLIP2's fixed-resolution checkpoints have this layout), DINOv3
 (``DINOv3ViTModel``), Llama / SmolLM2 (``LlamaForCausalLM``), Gemma-3 (``Gemma3ForCausalLM``), SmolVLM
-(``Idefics3ForConditionalGeneration``), and nanoVLM against nanoVLM's math (``tests/pretrained/nanovlm_reference.py``:
+(``Idefics3ForConditionalGeneration``), and nanoVLM against nanoVLM's math (``tests/formats/nanovlm_reference.py``:
 nanoVLM is not in transformers). For each: the fp32 reference output on the device, then tinyvlm's and the
 reference's outputs in ``--dtype``; the relative max error of each against the fp32 reference, side by side.
 tinyvlm passes when its error is at most twice the reference's own (or under one ``--dtype`` epsilon), and,
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-for folder in ("tests/decoders", "tests/encoders", "tests/pretrained"):
+for folder in ("tests/decoders", "tests/encoders", "tests/formats"):
     sys.path.insert(0, str(ROOT / folder))
 
 import tinyvlm  # noqa: E402

@@ -75,13 +75,13 @@ def serve_command(model: str) -> tuple[list[str], str]:
 
 
 def library_model(model: str, quantize: str | None):
-    from tinyvlm.api import build_vlm, open_vlm
+    from tinyvlm.api import build_vlm
 
     if model == "test-vlm":
-        return open_vlm("test-vlm", quantize=quantize).prepare_for_inference()
+        return build_vlm("test-vlm", quantize=quantize)
     from real_gemma import real_gemma_folder
 
-    return build_vlm("test-siglip", f"local-dir:{real_gemma_folder()}", quantize=quantize).prepare_for_inference()
+    return build_vlm("test-siglip", f"local-dir:{real_gemma_folder()}", quantize=quantize)
 
 
 class Server:

@@ -72,7 +72,7 @@ def measure(new_tokens: int) -> dict[str, object]:
     torch.manual_seed(0)
     context = {"max_position_embeddings": new_tokens + 512}  # room for the prompt; 2048 would cap --new-tokens
     vlm = tinyvlm.build_vlm("test-siglip", "test-llama", pretrained=False, decoder_kwargs=context).eval()
-    if hasattr(vlm, "prepare_for_inference"):  # older checkouts took this step inside generate
+    if hasattr(vlm, "prepare_for_inference"):  # older checkouts: a method, not taken by every door
         vlm.prepare_for_inference()
     vlm.decoder.config = vlm.decoder.config.replace(eos_token_ids=[])  # always --new-tokens tokens
     image = Image.new("RGB", (224, 224), "white")

@@ -23,7 +23,7 @@ import time
 import torch
 
 import tinyvlm
-from tinyvlm.vlm.model import VLM
+from tinyvlm.vlm.model import assemble
 
 #: Peak dense bf16 tensor FLOPs, by a substring of the device name (vendor data sheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    vlm = VLM.from_config(tinyvlm.get_spec(args.model).config).to(device).train()
+    vlm = assemble(tinyvlm.get_spec(args.model).config).to(device).train()
     encoder = vlm.encoder.config
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch, 3, encoder.image_size, encoder.image_size, generator=generator).to(device)

@@ -27,10 +27,10 @@ LABELLED = 16
 
 
 def tinyvlm_model() -> tuple[nn.Module, dict[str, nn.Module], int]:
-    from tinyvlm.vlm.model import VLM
+    from tinyvlm.vlm.model import assemble
 
     # From the recipe alone: random init, offline (no tokenizer, so the image token id is the config's -1).
-    vlm = VLM.from_config(tinyvlm.get_spec("nanovlm-222m").config)
+    vlm = assemble(tinyvlm.get_spec("nanovlm-222m").config)
     return vlm, {"encoder": vlm.encoder, "projector": vlm.projector, "decoder": vlm.decoder}, vlm.image_token_id
 
 

@@ -43,7 +43,8 @@ def child(folder: Path, threads: int | None, steps: int, run: Path) -> None:
 
 def prepare(folder: Path) -> None:
     from tinyvlm.data import read_records
-    from tinyvlm.demo import build_demo_vlm, demo_tokenizer, make_shapes_dataset
+    from tinyvlm.demo import build_demo_vlm, demo_tokenizer
+    from tinyvlm.evaluation.shapes import make_shapes_dataset
 
     data = make_shapes_dataset(folder / "data", count=800, seed=0)
     build_demo_vlm(demo_tokenizer(read_records(data)), seed=0).save_pretrained(folder / "init")

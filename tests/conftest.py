@@ -100,9 +100,11 @@ def offline_switch(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
-    """An isolated registry holding only the test-only ``tiny`` family; returns a function that registers
-    zoo entries of it (``register("tiny-x", hub_repo=..., revision=..., gated=...)``); families ``tiny``
-    (encoder), ``tiny-decoder`` and ``tiny-vlm`` (recipes naming an encoder and a decoder)."""
+    """An isolated registry holding only the test-only ``tiny`` family (no shipped index, no built-in family
+    modules to load); returns a function that registers zoo entries of it (``register("tiny-x",
+    hub_repo=..., revision=..., gated=...)``); families ``tiny`` (encoder), ``tiny-decoder`` and ``tiny-vlm``
+    (recipes naming an encoder and a decoder). Lookups go the user's way: the registry merges the (empty)
+    index with these live registrations."""
     from tinyvlm.config import Config
 
     from tiny_family import DECODER_FAMILY, FAMILY, RECIPE_FAMILY, TinyConfig
@@ -112,7 +114,9 @@ def tiny_zoo(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(registry, "_FAMILIES", {})
     monkeypatch.setattr(registry, "_ENTRIES", {})
     monkeypatch.setattr(registry, "_live_cache", {})
-    monkeypatch.setattr(registry, "_families_loaded", True)
+    monkeypatch.setattr(registry, "_index_cache", {})
+    monkeypatch.setattr(registry, "FAMILY_MODULES", ())
+    monkeypatch.setattr(registry, "_families_loaded", False)
     for family in (FAMILY, DECODER_FAMILY, RECIPE_FAMILY):
         registry.register_family(family)
 

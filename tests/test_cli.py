@@ -121,7 +121,7 @@ def _info(capsys, name: str) -> dict:
 
 
 def test_info_on_a_smolvlm_folder_written_by_transformers(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pretrained"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "formats"))
     from twins import resave_processor_with_transformers, write_smolvlm_twin
 
     reference = write_smolvlm_twin(tmp_path / "smolvlm")
@@ -130,11 +130,11 @@ def test_info_on_a_smolvlm_folder_written_by_transformers(tmp_path, capsys):
     assert (info["kind"], info["family"]) == ("vlm", "smolvlm")
     assert info["params"] == sum(p.numel() for p in reference.parameters())
     assert info["config"]["parts"]["image_token_id"] == reference.config.image_token_id
-    assert info["config"]["image_tokens"]["layout"] == "smolvlm"
+    assert info["config"]["image_tokens"]["token_layout"] == "smolvlm"
 
 
 def test_info_on_a_nanovlm_folder(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pretrained"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "formats"))
     from twins import write_nanovlm_twin
 
     reference = write_nanovlm_twin(tmp_path / "nanovlm")
@@ -416,13 +416,14 @@ def test_repeated_data_flags_and_their_checks(monkeypatch, capsys):
 
 
 def _captured_model(command: str, monkeypatch) -> list:
-    """Replace what ``command`` does with its loaded model by recording it (the model as the command built it)."""
+    """Replace what ``command`` does with its loaded model by recording it (the model as the command built it),
+    with the thread count and whether it was fixed while the command worked (`Work`)."""
     seen: list = []
     if command == "generate":
         from tinyvlm.vlm.model import VLM
 
         def stream(self, *args, **kwargs):
-            seen.append(self)
+            seen.append(Work(self))
             return iter(())
 
         monkeypatch.setattr(VLM, "stream", stream)
@@ -430,7 +431,7 @@ def _captured_model(command: str, monkeypatch) -> list:
         from tinyvlm.evaluation import runner
 
         def run_task(vlm, task, **options):
-            seen.append(vlm)
+            seen.append(Work(vlm))
             return {"metric": "average", "score": 0.0, "samples": 0, "seconds": 0.0, "seconds_per_100_samples": 0.0,
                     "metrics": {}}
 
@@ -438,8 +439,19 @@ def _captured_model(command: str, monkeypatch) -> list:
     else:
         from tinyvlm.serve import app
 
-        monkeypatch.setattr(app, "run", lambda vlm, name, config: seen.append(vlm))
+        monkeypatch.setattr(app, "run", lambda vlm, name, config: seen.append(Work(vlm)))
     return seen
+
+
+class Work:
+    """A command's model, and its thread count (fixed or not) while the command used it."""
+
+    def __init__(self, vlm) -> None:
+        import torch
+
+        from tinyvlm.inference import threads
+
+        self.vlm, self.threads, self.pinned = vlm, torch.get_num_threads(), threads.pinned()
 
 
 COMMANDS = {
@@ -459,11 +471,12 @@ def test_quantize_and_threads_reach_the_model(command, mode, monkeypatch):
 
     seen = _captured_model(command, monkeypatch)
     assert main([*COMMANDS[command], "--quantize", mode, "--threads", "1"]) == 0
-    (vlm,) = seen
+    (work,) = seen
+    vlm = work.vlm
     assert vlm.config.quantization.mode == mode
     assert isinstance(vlm.decoder.layers[0].self_attn.q_proj, QuantizedLinear)
     assert vlm.decoder.layers[0].self_attn.q_proj.mode == mode
-    assert torch.get_num_threads() == 1 and threads.pinned()  # fixed: not tuned
+    assert work.threads == 1 and work.pinned  # fixed: not tuned
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -474,9 +487,10 @@ def test_without_the_flags_the_model_is_float_and_threads_automatic(command, mon
 
     seen = _captured_model(command, monkeypatch)
     assert main(COMMANDS[command]) == 0
-    (vlm,) = seen
-    assert vlm.config.quantization is None and not threads.pinned()
-    assert type(vlm.decoder.layers[0].self_attn.q_proj) is nn.Linear
+    (work,) = seen
+    vlm = work.vlm
+    assert vlm.config.quantization is None and not work.pinned and not threads.pinned()
+    assert isinstance(vlm.decoder.layers[0].self_attn.q_proj, nn.Linear)  # float (its decoding subclass)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from tinyvlm.cli import main
 from tinyvlm.data import read_records
-from tinyvlm.demo import ANSWERS, CHANCE, COLOURS, POSITIONS, make_shapes_dataset, question_kind
+from tinyvlm.demo import question_kind
+from tinyvlm.evaluation.shapes import ANSWERS, CHANCE, COLOURS, POSITIONS, make_shapes_dataset
 
 
 def test_dataset_is_deterministic_and_balanced(tmp_path: Path) -> None:
@@ -52,9 +53,27 @@ def test_answers_are_in_the_pixels(tmp_path: Path) -> None:
             assert where == record.answer and where in POSITIONS
 
 
-def test_short_demo_beats_chance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def training_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """The thread count, and whether it was fixed, while the demo trained."""
+    import tinyvlm.demo
+    from tinyvlm.inference import threads
+
+    seen: list[tuple[int, bool]] = []
+    train = tinyvlm.demo.train
+
+    def recording(**options):  # type: ignore[no-untyped-def]
+        seen.append((torch.get_num_threads(), threads.pinned()))
+        return train(**options)
+
+    monkeypatch.setattr(tinyvlm.demo, "train", recording)
+    return seen
+
+
+def test_short_demo_beats_chance(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    before, seen = torch.get_num_threads(), training_threads(monkeypatch)
     assert main(["demo", "--steps", "400", "--output", str(tmp_path)]) == 0
-    assert torch.get_num_threads() == 1  # the demo's fixed count (conftest restores the count after each test)
+    assert seen == [(1, True)]  # the demo's fixed count while it worked
+    assert torch.get_num_threads() == before  # and the process's own afterwards
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("held-out exact match"))
     accuracy = float(line.split(":")[1].split("%")[0]) / 100
@@ -103,11 +122,13 @@ def test_demo_folder_is_kept_and_picked_up_where_it_stopped(tmp_path: Path, caps
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
-def test_demo_thread_count_is_fixed_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_thread_count_is_fixed_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     from tinyvlm.inference import threads
 
+    before, seen = torch.get_num_threads(), training_threads(monkeypatch)
     assert main(["demo", "--steps", "2", "--output", str(tmp_path / "a"), "--threads", "2"]) == 0
-    assert torch.get_num_threads() == 2 and threads.pinned()  # fixed, not tuned per step
+    assert seen == [(2, True)]  # fixed, not tuned per step
+    assert torch.get_num_threads() == before and not threads.pinned()
     capsys.readouterr()
     assert main(["demo", "--steps", "2", "--output", str(tmp_path / "b"), "--threads", "0"]) == 1
     err = capsys.readouterr().err

@@ -106,7 +106,6 @@ def test_offline_subprocess_reads_cache_with_no_request(hub, tmp_path, tiny_zoo)
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 from tiny_family import FAMILY
 from tinyvlm import registry
-registry._families_loaded = True
 registry.register_family(FAMILY)
 from tinyvlm.api import build_encoder
 module = build_encoder("hf-hub:{REPO}@{commit}")

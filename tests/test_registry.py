@@ -151,3 +151,50 @@ def test_listing_does_not_import_torch(code):
     check = f"import sys\n{code}\nassert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+USER_ZOO = f"""
+import sys
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+import tinyvlm
+
+shipped = {{spec.key for spec in tinyvlm.list_models()}}
+assert "test-llama" in shipped and "torch" not in sys.modules, "listing the shipped zoo imports no torch"
+
+from tiny_family import FAMILY, TinyConfig  # a user's own family (its module imports torch)
+
+tinyvlm.register_family(FAMILY)
+try:
+    tinyvlm.register_model("test-llama", family="tiny", config=TinyConfig(), license="mit", description="taken")
+except tinyvlm.ConfigError as error:
+    print("refused:", error)
+tinyvlm.register_model("my-tiny", family="tiny", config=TinyConfig(dim=6), license="mit", description="mine")
+tinyvlm.register_model(
+    "my-vlm", family="vlm", license="mit", description="a recipe of my own",
+    config=tinyvlm.get_spec("test-vlm").config.replace(decoder="test-gemma3"),
+)
+keys = [spec.key for spec in tinyvlm.list_models()]
+assert {{"my-tiny", "my-vlm"}} <= set(keys) and shipped <= set(keys), keys
+assert [spec.key for spec in tinyvlm.list_models("my-*", kind="encoder")] == ["my-tiny"]
+spec = tinyvlm.get_spec("my-tiny")
+assert (spec.kind, spec.family, spec.license, spec.dim, spec.config) == ("encoder", "tiny", "mit", 6, TinyConfig(dim=6))
+assert spec.params == sum(p.numel() for p in tinyvlm.build_encoder("my-tiny").parameters())
+assert tinyvlm.get_spec("my-vlm", kind="vlm").description == "a recipe of my own"
+vlm = tinyvlm.build_vlm("my-vlm", pretrained=False)
+assert type(vlm.decoder).__name__ == "Gemma3" and vlm.config.decoder == "test-gemma3"
+
+from tinyvlm.cli import main
+main(["list-models", "my-*"])
+main(["info", "my-tiny"])
+"""
+
+
+def test_user_registrations_are_listed_described_and_built_like_shipped_entries():
+    """The user's path, in a fresh process: nothing loaded but what the user imports. Shipped entries list
+    without torch; entries registered at run time are listed, looked up, described and built like them."""
+    result = subprocess.run([sys.executable, "-c", USER_ZOO], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[:3] for line in result.stdout.splitlines() if line.startswith("my-")]
+    assert listed == [["my-tiny", "encoder", "tiny"], ["my-vlm", "vlm", "vlm"]]  # list-models shows both
+    assert '"dim": 6' in result.stdout  # info describes it
+    assert "refused: zoo key 'test-llama' is a shipped llama entry; register yours under another key" in result.stdout

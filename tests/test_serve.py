@@ -35,7 +35,7 @@ from tinyvlm.cli import main
 from tinyvlm.errors import ConfigError
 from tinyvlm.serve.app import create_app, listening_socket
 from tinyvlm.serve.config import ServeConfig
-from tinyvlm.api import build_vlm, open_vlm
+from tinyvlm.api import build_vlm, load_vlm
 
 MODEL = "tiny-served"
 TIMEOUT = 30.0  # seconds, every client call
@@ -57,13 +57,13 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.startswith("decoder."):
-                p.normal_(0, 0.25)
+                p.copy_(torch.randn(p.shape) * 0.25)  # the same values in any weight layout
     return vlm.save_pretrained(tmp_path_factory.mktemp("served") / "tiny-vlm")
 
 
 @pytest.fixture(scope="module")
 def vlm(model_folder: Path):
-    return open_vlm(f"local-dir:{model_folder}").prepare_for_inference()
+    return load_vlm(f"local-dir:{model_folder}")
 
 
 @pytest.fixture(scope="module", autouse=True)

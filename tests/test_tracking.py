@@ -12,7 +12,7 @@ from PIL import Image
 
 import tinyvlm
 from tinyvlm.cli import main
-from tinyvlm.demo import make_shapes_dataset
+from tinyvlm.evaluation.shapes import make_shapes_dataset
 from tinyvlm.errors import ConfigError
 
 RUN = dict(model="test-vlm", train="all", max_steps=3, batch_size=2, grad_accum=1, log_every=1, checkpoint_every=0,

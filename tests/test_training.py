@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import tinyvlm
 from tinyvlm.data import IGNORE_INDEX, collate, encode_records, read_records
-from tinyvlm.demo import make_shapes_dataset
+from tinyvlm.evaluation.shapes import make_shapes_dataset
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.training.config import make_config
 from tinyvlm.training.loop import build_model, lr_factor, summed_loss
@@ -45,7 +45,7 @@ def vlm():
     with torch.no_grad():  # a spread at which context matters (the 0.02 init is near-uniform attention)
         for weight in model.decoder.parameters():
             if weight.dim() == 2:
-                weight.normal_(std=0.2)
+                weight.copy_(torch.randn(weight.shape) * 0.2)  # the same values in any weight layout
     return model
 
 

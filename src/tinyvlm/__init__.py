@@ -20,7 +20,7 @@ _LAZY = {
     "build_projector": "tinyvlm.api",
     "build_vlm": "tinyvlm.api",
     "load_vlm": "tinyvlm.api",
-    "VLM": "tinyvlm.vlm.model",
+    "VLM": "tinyvlm.api",  # the class, with from_pretrained (= load_vlm) bound by tinyvlm.api
     "VLMConfig": "tinyvlm.vlm.config",
     "load_tokenizer": "tinyvlm.tokenizer",
     "Tokenizer": "tinyvlm.tokenizer",

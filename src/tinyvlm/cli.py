@@ -10,8 +10,11 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from tinyvlm import __version__
-from tinyvlm.errors import TinyVLMError
-from tinyvlm.registry import KINDS, ModelSpec, list_models
+from tinyvlm.config import RuntimeOptions, describe_options
+from tinyvlm.errors import ConfigError, TinyVLMError
+from tinyvlm.inference.threads import set_threads
+from tinyvlm.registry import KINDS, ModelSpec, family_for_config, list_models, measure
+from tinyvlm.sources import download_model, is_cached, resolve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,7 +126,6 @@ def _format_params(params: int | None) -> str:
 def _row(spec: ModelSpec) -> dict[str, object]:
     """One zoo entry as ``--json`` prints it: the spec without its config, plus ``cached`` (true / false, or
     null when there is nothing to download)."""
-    from tinyvlm.sources import is_cached
 
     row = spec.to_json()
     row.pop("config_json")
@@ -165,7 +167,6 @@ def cmd_list_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from tinyvlm.sources import resolve
 
     source = resolve(args.name)
     if source.spec is not None:
@@ -188,7 +189,6 @@ def describe_checkpoint(source) -> dict[str, object]:
     that family reads them: a VLM layout's full `VLMConfig`), parameters and width (measured on the meta
     device) and where its files are."""
     from tinyvlm.api import part_config
-    from tinyvlm.registry import family_for_config, measure
 
     family = family_for_config(source.config_json(), where=source.name)
     if family.read is not None:
@@ -210,7 +210,6 @@ def describe_checkpoint(source) -> dict[str, object]:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from tinyvlm.sources import download_model
 
     for name in args.names:
         for model, folder in download_model(name):
@@ -256,14 +255,12 @@ def add_runtime_flags(parser: argparse.ArgumentParser, *, with_flags: bool) -> N
     """``--quantize`` and ``--threads``: the fields of `tinyvlm.config.RuntimeOptions`, for a command that runs
     a model (added when ``with_flags``: that command is the one running); `runtime_options` reads them."""
     if with_flags:
-        from tinyvlm.config import RuntimeOptions
 
         add_config_flags(parser, RuntimeOptions)
 
 
 def runtime_options(args: argparse.Namespace):
     """The `tinyvlm.config.RuntimeOptions` given on the command line, validated."""
-    from tinyvlm.config import RuntimeOptions
 
     return validated(RuntimeOptions, given_options(args, RuntimeOptions))
 
@@ -274,9 +271,7 @@ _SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetitio
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tinyvlm.devices import check_device, default_device, parse_dtype
-    from tinyvlm.errors import ConfigError
-    from tinyvlm.inference.threads import set_threads
-    from tinyvlm.api import build_vlm, open_vlm
+    from tinyvlm.api import build_vlm, load_vlm
 
     check_sampling_flags({name: getattr(args, name) for name in _SAMPLING_FLAGS})  # before the model is loaded
     runtime = runtime_options(args)
@@ -286,12 +281,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        vlm = open_vlm(args.model, dtype=dtype, device=device, quantize=runtime.quantize)
+        source = resolve(args.model, "vlm")  # once: trained files are loaded, a recipe built
+        door = load_vlm if source.has_files else build_vlm
+        vlm = door(source, dtype=dtype, device=device, quantize=runtime.quantize)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
         vlm = build_vlm(args.encoder, args.decoder, args.projector, dtype=dtype, device=device, quantize=runtime.quantize)
-    vlm.prepare_for_inference()
     pieces = vlm.stream(
         args.prompt, args.image, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, raw=args.raw,
@@ -304,7 +300,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def check_sampling_flags(values: dict[str, object]) -> None:
     """Validate the sampling flags as `SamplingConfig` does; a `ConfigError` names the flags."""
-    from tinyvlm.errors import ConfigError
     from tinyvlm.generation import SamplingConfig
 
     try:
@@ -488,7 +483,6 @@ def read_config_file(path: str) -> dict[str, object]:
     with underscores (``max-steps``: ``max_steps``)."""
     from pathlib import Path
 
-    from tinyvlm.errors import ConfigError
 
     file = Path(path)
     form = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(file.suffix, "JSON")
@@ -523,8 +517,6 @@ def _underscored(values: dict) -> dict[str, object]:
 
 def validated(model: type, options: dict[str, object]):
     """``model(**options)`` (an `Options` class), its `ConfigError` reworded to name the flags."""
-    from tinyvlm.config import describe_options
-    from tinyvlm.errors import ConfigError
 
     try:
         return model(**options)
@@ -554,10 +546,10 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from tinyvlm.api import load_vlm
     from tinyvlm.interop.lora import merge_adapter
-    from tinyvlm.api import with_adapter
 
-    vlm = with_adapter(args.base, args.adapter, dtype=args.dtype, device=None)
+    vlm = load_vlm(args.base, adapter=args.adapter, dtype=args.dtype)
     folder = merge_adapter(vlm).save_pretrained(args.output)
     print(f"merged {args.adapter} into {args.base}: {folder} (load it with tinyvlm.load_vlm({str(folder)!r}))")
     return 0
@@ -576,9 +568,23 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tinyvlm.interop.transformers import export
+    from tinyvlm.api import build_decoder, build_vlm, load_vlm
+    from tinyvlm.tokenizer import Tokenizer
 
-    kind, folder = export(args.name, args.output)
+    source = resolve(args.name)  # once: a VLM (saved, trained, or a recipe) or a decoder
+    if source.spec is not None:
+        kind = source.spec.kind
+    else:
+        kind = family_for_config(source.config_json(), where=source.name).kind
+    if kind == "vlm":
+        vlm = load_vlm(source) if source.has_files else build_vlm(source)
+        folder = vlm.save_pretrained(args.output, layout="transformers")
+    elif kind == "decoder":
+        tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
+        folder = build_decoder(source).save_pretrained(args.output, layout="transformers", tokenizer=tokenizer)
+    else:
+        raise ConfigError(f"{args.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}: export writes VLMs "
+                          "(Idefics3) and decoders (LlamaForCausalLM / Gemma3ForCausalLM)")
     layout = "Idefics3" if kind == "vlm" else "causal LM"
     print(f"exported the {kind} {args.name} to {folder} (transformers {layout} layout)")
     return 0
@@ -654,11 +660,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_server_stack()  # before the model is loaded
     from tinyvlm.devices import check_device, default_device
-    from tinyvlm.errors import ConfigError
     from tinyvlm.serve.app import run
     from tinyvlm.serve.config import ServeConfig
-    from tinyvlm.inference.threads import set_threads
-    from tinyvlm.api import build_vlm, open_vlm
+    from tinyvlm.api import build_vlm, load_vlm
 
     config = validated(ServeConfig, given_options(args, ServeConfig))
     set_threads(config.threads)
@@ -666,13 +670,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model:
         if args.decoder or args.projector:
             raise ConfigError("--model names a whole VLM: drop --decoder / --projector")
-        name, vlm = args.model, open_vlm(args.model, device=device, quantize=config.quantize)
+        source = resolve(args.model, "vlm")  # once: trained files are loaded, a recipe built
+        door = load_vlm if source.has_files else build_vlm
+        name, vlm = args.model, door(source, device=device, quantize=config.quantize)
     else:
         if not args.decoder:
             raise ConfigError("--encoder needs --decoder (or use --model)")
         name = f"{args.encoder}+{args.decoder}"
         vlm = build_vlm(args.encoder, args.decoder, args.projector, device=device, quantize=config.quantize)
-    run(vlm.prepare_for_inference(), name, config)
+    run(vlm, name, config)
     return 0
 
 

@@ -21,79 +21,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+import torch
 
-if TYPE_CHECKING:
-    from tinyvlm.data import Record
-    from tinyvlm.tokenizer import Tokenizer
-    from tinyvlm.vlm.model import VLM
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-QUESTIONS = {
-    "colour": ("What colour is the shape?", "Which colour is it?", "What is the colour of the object?"),
-    "shape": ("What shape is this?", "Which shape do you see?", "What kind of shape is in the picture?"),
-    "position": ("Where is the shape?", "In which corner is the shape?", "Where is the object?"),
-}
-ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS}
-#: Accuracy of the best blind guess: uniform answers, question types in equal proportion.
-CHANCE = sum(1 / len(ANSWERS[kind]) for kind in QUESTIONS) / len(QUESTIONS)
-
-
-@dataclass(frozen=True)
-class Scene:
-    colour: str
-    shape: str
-    position: str
-
-
-def draw_scene(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
-    """The shape of ``scene`` inside its quadrant, with a random size and offset, on a light, randomly tinted background."""
-    background = tuple(rng.randint(225, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    half = size // 2
-    extent = rng.randint(size // 4, size * 7 // 16)  # side of the shape's bounding box: 16-28 px at 64
-    row, column = POSITIONS.index(scene.position) // 2, POSITIONS.index(scene.position) % 2
-    left = column * half + rng.randint(1, half - extent - 1)
-    top = row * half + rng.randint(1, half - extent - 1)
-    box = (left, top, left + extent, top + extent)
-    fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[scene.colour])
-    if scene.shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif scene.shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)], fill=fill)
-    return image
-
-
-def make_shapes_dataset(folder: str | Path, *, count: int, seed: int = 0, size: int = 64) -> Path:
-    """Write ``count`` images and a ``data.jsonl`` (messages style, one question per image) under ``folder``.
-    Deterministic in ``seed``. Question types cycle so that each is a third of the data."""
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    kinds = tuple(QUESTIONS)
-    lines = []
-    for i in range(count):
-        scene = Scene(rng.choice(tuple(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))
-        name = f"images/{i:05d}.png"
-        draw_scene(scene, rng, size).save(folder / name)
-        kind = kinds[i % len(kinds)]
-        answer = {"colour": scene.colour, "shape": scene.shape, "position": scene.position}[kind]
-        messages = [
-            {"role": "user", "content": "<image>" + rng.choice(QUESTIONS[kind])},
-            {"role": "assistant", "content": answer},
-        ]
-        lines.append(json.dumps({"images": [name], "messages": messages}))
-    path = folder / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
+from tinyvlm.api import build_vlm, load_vlm
+from tinyvlm.data import Record, read_records, split_records
+from tinyvlm.data.answers import normalize_answer
+from tinyvlm.errors import ConfigError
+from tinyvlm.evaluation.shapes import ANSWERS, CHANCE, QUESTIONS, make_shapes_dataset
+from tinyvlm.inference.threads import check_threads, fixed_threads
+from tinyvlm.tokenizer import Tokenizer, train_tokenizer
+from tinyvlm.training.checkpoints import checkpoint_dirs
+from tinyvlm.training.loop import FINAL, train
+from tinyvlm.vlm.model import VLM
 
 # ------------------------------------------------------------------------------------------------ the run
 
@@ -112,25 +52,18 @@ def question_kind(question: str) -> str:
     return next(kind for kind, phrasings in QUESTIONS.items() if any(p in question for p in phrasings))
 
 
-def demo_tokenizer(records: list["Record"]) -> "Tokenizer":
+def demo_tokenizer(records: list[Record]) -> Tokenizer:
     """A byte-level BPE tokenizer (ChatML special tokens, ids 0-2 as test-llama expects) trained on the
     records' chat transcripts, so that the template's text (its default system prompt) gets merges too."""
-    from tinyvlm.tokenizer import train_tokenizer
-
     texts = [m["content"] for r in records for m in r.messages]
     renderer = train_tokenizer(texts, VOCAB_SIZE)  # only to render transcripts with the ChatML template
     transcripts = [renderer.apply_chat_template(list(r.messages), add_generation_prompt=False) for r in records]
     return train_tokenizer(transcripts, VOCAB_SIZE)
 
 
-def build_demo_vlm(tokenizer: "Tokenizer", seed: int) -> "VLM":
+def build_demo_vlm(tokenizer: Tokenizer, seed: int) -> VLM:
     """The ``test-vlm`` recipe (test-siglip + pixel shuffle 2 + MLP + test-llama), random init, with
     ``tokenizer`` and the decoder's vocabulary sized to it."""
-    import torch
-
-    from tinyvlm.api import build_vlm
-    from tinyvlm.vlm.model import VLM
-
     torch.manual_seed(seed)
     base = build_vlm("test-vlm", pretrained=False, dtype=torch.float32, decoder_kwargs={"vocab_size": len(tokenizer)})
     # build_vlm joined test-llama's shipped tokenizer; swap in ours, with the image token added to it.
@@ -168,8 +101,6 @@ def run_demo(
 
     ``threads`` is fixed (not tuned per step as ``train`` does by default): another count sums the products in
     another order, which after the demo's steps is another model, and the demo's figure is published."""
-    from tinyvlm.errors import ConfigError
-    from tinyvlm.inference.threads import check_threads
 
     check_threads(threads)  # before any work
     folder = Path(output)
@@ -190,17 +121,11 @@ def run_demo(
                           "--overwrite to write the demo's data/, init/ and run/ into it)")
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(settings) + "\n")
-    return _run(folder, settings["steps"], seed, images, show, progress, threads)
+    with fixed_threads(threads):
+        return _run(folder, settings["steps"], seed, images, show, progress, threads)
 
 
 def _run(folder: Path, steps: int, seed: int, count: int, show: int, progress: bool, threads: int) -> DemoResult:
-    from tinyvlm.data import read_records, split_records
-    from tinyvlm.training.checkpoints import checkpoint_dirs
-    from tinyvlm.inference.threads import set_threads
-    from tinyvlm.training.loop import FINAL, normalize_answer, train
-    from tinyvlm.api import load_vlm
-
-    set_threads(threads)
     began = time.perf_counter()
     say = lambda text: print(text, flush=True)  # noqa: E731
     data = folder / "data" / "data.jsonl"  # written last: its presence means the drawing finished

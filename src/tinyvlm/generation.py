@@ -14,7 +14,8 @@ This module needs only what `TokenModel` describes of a decoder, so `tinyvlm.dec
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterator, Protocol, Sequence
+import contextlib
+from typing import Annotated, Any, ContextManager, Iterator, Protocol, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -96,7 +97,23 @@ class TokenModel(Protocol):
 
     def logits(self, hidden: Tensor) -> Tensor: ...
 
-    def thread_tuner(self, workload: str) -> Any: ...
+    #: Entered around each step of the token loop, ``step_scope.step("prefill", tokens)`` and
+    #: ``step_scope.step("decode")``; None runs the steps as they are. `tinyvlm.inference.prepare_for_inference`
+    #: installs the model's thread choice here.
+    step_scope: StepScope | None
+
+
+class StepScope(Protocol):
+    """A context around each step of the token loop (``workload``: ``"prefill"`` or ``"decode"``; ``units``:
+    the step's size, its tokens)."""
+
+    def step(self, workload: str, units: float = 1.0) -> ContextManager[Any]: ...
+
+
+def step_context(model: TokenModel, workload: str, units: float = 1.0) -> ContextManager[Any]:
+    """``model.step_scope.step(workload, units)``, or nothing when the model has no step scope."""
+    scope = model.step_scope
+    return contextlib.nullcontext() if scope is None else scope.step(workload, units)
 
 
 def stop_ids(model: TokenModel, sampling: SamplingConfig) -> list[int]:
@@ -156,9 +173,9 @@ def _token_steps(
     generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
     seen: Tensor | None = None  # [B, V]: ids present so far (repetition penalty)
 
-    # inference mode (and the step's thread count, see tinyvlm.inference.threads) is entered per step, not around the
-    # yields (a generator would leak it into the caller)
-    with model.thread_tuner("prefill").step(B * T), torch.inference_mode():
+    # inference mode (and the step's scope: its thread count, see tinyvlm.inference.threads) is entered per step,
+    # not around the yields (a generator would leak it into the caller)
+    with step_context(model, "prefill", B * T), torch.inference_mode():
         hidden = model.hidden_states(
             None if inputs_embeds is not None else input_ids,
             inputs_embeds=inputs_embeds,
@@ -178,7 +195,7 @@ def _token_steps(
                 return
         if step == new - 1:
             return
-        with model.thread_tuner("decode").step(), torch.inference_mode():
+        with step_context(model, "decode"), torch.inference_mode():
             if seen is not None:
                 seen[torch.arange(B, device=device), token] = True
             hidden = model.hidden_states(

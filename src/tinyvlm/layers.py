@@ -1,8 +1,12 @@
-"""Layers shared by the families, written once: norms, MLPs, activations and rotary helpers."""
+"""Layers shared by the families, written once: norms, MLPs, activations, attention and rotary helpers.
+
+The forwards here are the plain math, as the papers write it. What makes decoding fast (fused projections,
+products split over threads, weight layouts, quantized kernels) lives in `tinyvlm.inference`, which swaps
+these modules for its subclasses (`tinyvlm.inference.prepare_for_inference`).
+"""
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, Callable, Literal, Protocol
 
@@ -74,15 +78,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
 
-    #: gate and up as one product when decoding (`FusedLinears`, made by `fuse_projections`).
-    fused: "FusedLinears | None" = None
-
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = FusedLinears.outputs(self, ("gate_proj", "up_proj"), x)
-        return linear(self.act(gate) * up, self.down_proj)
-
-    def fuse_projections(self) -> None:
-        self.fused = FusedLinears.of(self, ("gate_proj", "up_proj"))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LayerScale(nn.Module):
@@ -94,6 +91,28 @@ class LayerScale(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.lambda1
+
+
+class Embedding(nn.Embedding):
+    """A decoder's token embedding, which is also its LM head when the two are tied (`as_head`) and grows
+    with added tokens (`grow_to`). A quantized table (`tinyvlm.inference.quantize.QuantizedEmbedding`) has
+    the same two methods."""
+
+    def as_head(self, hidden: Tensor) -> Tensor:
+        """Logits of ``hidden [..., dim]`` against every row: ``hidden @ weight.T``."""
+        return F.linear(hidden, self.weight)
+
+    @torch.no_grad()
+    def grow_to(self, rows: int) -> None:
+        """Append rows up to ``rows`` in all, each the mean of the existing rows."""
+        self.weight = nn.Parameter(grown(self.weight, rows))
+        self.num_embeddings = rows
+
+
+def grown(weight: Tensor, rows: int) -> Tensor:
+    """``weight [n, d]`` with rows appended up to ``rows``, each the mean of the ``n`` (computed in fp32)."""
+    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
+    return torch.cat((weight, mean.expand(rows - weight.shape[0], -1)))
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -207,150 +226,6 @@ class RotaryEmbedding(nn.Module):
         return cos[position_ids][:, None].to(dtype), sin[position_ids][:, None].to(dtype)
 
 
-def linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """``layer(x)``, through `split_linear` when that applies (a plain bias-free ``nn.Linear``; anything
-    else, e.g. a module with hooks or a replacement class, is called as is). Under ``torch.compile`` it is
-    ``layer(x)``: the split is for eager CPU decoding, and its thread query would break the graph (and
-    recompile this function for every weight shape)."""
-    if torch.compiler.is_compiling():
-        return layer(x)
-    if layer.bias is None and type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks:
-        return split_linear(x, layer.weight)
-    return layer(x)
-
-
-#: Matrices below this many elements (256 KiB in fp32) are multiplied in one piece: splitting them costs
-#: more than it saves (measured on a 2-core EPYC, see docs/decoders.md, "Performance").
-SPLIT_MIN_NUMEL = 1 << 16
-
-
-def split_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """``F.linear(x, weight)`` (no bias), bit for bit, using every intra-op thread when ``x`` is one fp32 row
-    on CPU (a decoding step).
-
-    MKL runs a one-row product on a single thread, so decoding, which is bound by reading the weights, used
-    one core. Here the rows of ``weight`` are viewed as ``n = torch.get_num_threads()`` equal blocks (a strided
-    view of the parameter itself: no copy, nothing to keep in sync with training) and multiplied as one
-    batch-``n`` ``bmm``, which ATen spreads over its threads. Every output is the same dot product computed
-    by the same kernel in the same order as in the unsplit product, hence identical.
-    """
-    out_features, in_features = weight.shape
-    parts = torch.get_num_threads()
-    if (
-        parts < 2
-        or x.numel() != in_features
-        or x.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or x.dtype != torch.float32
-        or out_features % parts
-        or weight.numel() < SPLIT_MIN_NUMEL
-    ):
-        return F.linear(x, weight)
-    rows, row_stride, col_stride = out_features // parts, weight.stride(0), weight.stride(1)
-    blocks = weight.as_strided((parts, rows, in_features), (rows * row_stride, row_stride, col_stride))
-    out = torch.bmm(x.reshape(1, 1, in_features).expand(parts, 1, in_features), blocks.transpose(1, 2))
-    return out.view(*x.shape[:-1], out_features)
-
-
-class FusedLinears:
-    """Linear layers of one module that read the same input (q/k/v, gate/up), multiplied as one matrix when
-    decoding: one kernel call instead of several, over a larger matrix (which reads faster, see
-    docs/decoders.md, "Performance").
-
-    `of` (called by `TransformerDecoder.prepare_for_inference`) concatenates the parts' weights into one
-    matrix and makes each part's weight a view of its rows: nothing is stored twice, and the parameters, their
-    names, values and training are unchanged. Parts that cannot share a product with their neighbours (a
-    different kind or quantization mode, a hook, a replacement module such as a LoRA layer) keep their own.
-    `outputs` uses the fused products only without autograd (decoding) and only while every part is still the
-    module, with the storage, it was fused from; anything else (training, a move, a replaced module) takes
-    the parts one by one, which is the same arithmetic.
-    """
-
-    def __init__(self, names: tuple[str, ...], parts: list[nn.Module], groups: list[tuple[Any, list[int]]]) -> None:
-        self.names, self.parts, self.groups = names, parts, groups
-        self.pointers = [part.weight.data_ptr() for part in parts]
-
-    @staticmethod
-    def of(owner: nn.Module, names: tuple[str, ...]) -> "FusedLinears | None":
-        """Fuse ``owner``'s layers ``names`` (in place, see the class docstring); None when no two can be."""
-        from tinyvlm.inference.quantize import QuantizedLinear, stack_rows
-
-        parts = [getattr(owner, name) for name in names]
-        groups: list[tuple[Any, list[int]]] = []
-        for kind, same in itertools.groupby(parts, _fusable_kind):
-            run = list(same)
-            stacked = None
-            if kind is not None and len(run) > 1:
-                stacked = (stack_rows if isinstance(run[0], QuantizedLinear) else _stack_linears)(run)
-            if stacked is None:
-                groups.extend((part, [part.out_features]) for part in run)
-            else:
-                groups.append((stacked, [part.out_features for part in run]))
-        return FusedLinears(names, parts, groups) if len(groups) < len(parts) else None
-
-    @staticmethod
-    def outputs(owner: nn.Module, names: tuple[str, ...], x: Tensor) -> list[Tensor]:
-        """``[layer(x) for layer in names]``, by ``owner.fused`` when it applies (class docstring)."""
-        fused: FusedLinears | None = getattr(owner, "fused", None)
-        if fused is not None and not torch.is_grad_enabled() and fused.current(owner):
-            out: list[Tensor] = []
-            for product, sizes in fused.groups:
-                y = linear(x, product) if isinstance(product, nn.Linear) else product(x)
-                out.extend(y.split(sizes, dim=-1) if len(sizes) > 1 else (y,))
-            return out
-        return [linear(x, getattr(owner, name)) for name in names]
-
-    def current(self, owner: nn.Module) -> bool:
-        return all(getattr(owner, name) is part for name, part in zip(self.names, self.parts)) and all(
-            part.weight.data_ptr() == pointer for part, pointer in zip(self.parts, self.pointers)
-        )
-
-
-def _fusable_kind(module: nn.Module) -> tuple | None:
-    """What must match for layers to share a product; None for a layer that keeps its own."""
-    from tinyvlm.inference.quantize import QuantizedLinear
-
-    if module._forward_hooks or module._forward_pre_hooks:
-        return None
-    if type(module) is nn.Linear:
-        return ("float", module.weight.dtype, module.weight.device, module.in_features, module.bias is None)
-    if type(module) is QuantizedLinear:
-        return ("quantized", module.weight.device, module.cols, module.mode, module.layout)
-    return None
-
-
-def _stack_linears(parts: list[nn.Module]) -> nn.Linear:
-    """One ``nn.Linear`` whose rows are the parts' rows (and biases) in order, stored in the layout
-    `TransformerDecoder.prepare_for_inference` picks for its shape; each part's weight (and bias) becomes a
-    view of its rows."""
-    first = parts[0].weight
-    out_features, in_features = sum(p.out_features for p in parts), first.shape[1]
-    stacked = nn.Linear(in_features, out_features, bias=parts[0].bias is not None, device="meta")
-    shape = (out_features, in_features)
-    if decoding_layout_is_column_major(first.device, first.dtype, out_features, in_features):
-        weight = torch.empty(shape[::-1], dtype=first.dtype, device=first.device).t()
-    else:
-        weight = torch.empty(shape, dtype=first.dtype, device=first.device)
-    stacked.weight = nn.Parameter(weight, requires_grad=False)
-    if stacked.bias is not None:
-        stacked.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
-    start = 0
-    for part in parts:
-        rows = slice(start, start + part.out_features)
-        weight[rows] = part.weight.detach()
-        part.weight.data = weight[rows]
-        if stacked.bias is not None:
-            part.bias.data = stacked.bias.data[rows]
-        start += part.out_features
-    return stacked
-
-
-def decoding_layout_is_column_major(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> bool:
-    """Whether a ``[out, in]`` weight is read fastest column-major when decoding: fp32 on CPU with ``out >= in``
-    (MKL's one-row product; see `TransformerDecoder.prepare_for_inference`)."""
-    return device.type == "cpu" and dtype == torch.float32 and out_features >= in_features
-
-
 class SelfAttention(nn.Module):
     """Bidirectional multi-head self-attention of the vision encoders: q, k, v and o projections with biases
     (none on k when ``key_bias`` is False, as DINOv3), and optionally RoPE on q and k."""
@@ -417,7 +292,19 @@ class Attention(nn.Module):
     ) -> Tensor:
         """``x [B, T, D]``; ``mask``: boolean ``[B|1, 1, T, S]`` of allowed keys (None: all ``S`` allowed)."""
         B, T, _ = x.shape
-        q, k, v = FusedLinears.outputs(self, ("q_proj", "k_proj", "v_proj"), x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.heads(q, k, v, rope, cache)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def heads(
+        self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], cache: "LayerCache | None"
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected ``[B, T, heads * head_dim]`` queries, keys and values -> ``[B, heads, T, head_dim]``,
+        normed (q/k RMSNorm), rotated (RoPE), and the keys and values extended by the cache (all it holds)."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -427,34 +314,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
-        if B == 1 and T == 1 and x.device.type == "cpu":  # decoding one sequence on CPU
-            out = attend_one_query(q[0, :, 0], k[0], v[0], self.scale, None if mask is None else mask[0, 0, 0])
-            return linear(out.view(1, 1, self.num_heads * self.head_dim), self.o_proj)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-
-    #: q, k and v as one product when decoding (`FusedLinears`, made by `fuse_projections`).
-    fused: "FusedLinears | None" = None
-
-    def fuse_projections(self) -> None:
-        self.fused = FusedLinears.of(self, ("q_proj", "k_proj", "v_proj"))
-
-
-def attend_one_query(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """Attention of a single query token: ``q [H, d]`` over ``k, v [H_kv, S, d]`` (query head ``h`` reads
-    key/value head ``h // (H / H_kv)``), ``mask [S]`` of allowed keys or None -> ``[H, d]``.
-
-    This is the decoding step of one sequence: two small batched products, one per key/value head, with the
-    query heads of its group as the rows (no key/value repetition). It skips SDPA's dispatch and reshapes,
-    which cost more than this arithmetic; a loop over heads would cost three ops per head.
-    """
-    kv_heads, _, head_dim = k.shape
-    scores = torch.bmm((q * scale).view(kv_heads, -1, head_dim), k.transpose(1, 2))  # [H_kv, group, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.bmm(scores.softmax(-1), v).view(q.shape)
+        return q, k, v
 
 
 class LayerCache(Protocol):

@@ -2,9 +2,12 @@
 
 Each family module (``encoders/siglip.py``, ``decoders/gemma3.py``, ...) calls `register_family` once and
 `register_model` for each of its zoo entries, next to its code. Those modules import torch, so listing the
-zoo from them would cost a torch import; instead `list_models` and `get_spec` read ``zoo.json``, an index
+zoo from them would cost a torch import; instead the shipped entries are read from ``zoo.json``, an index
 generated from the family modules (``python -m tinyvlm.registry --write``) and checked against them by the
-test suite. Everything in this module is torch-free.
+test suite. One zoo: `list_models` and `get_spec` give the shipped entries and every live registration (a
+user's `register_model`, or a family module once imported) alike; a live entry is measured (parameters,
+width) on the meta device when the index does not hold it. Everything in this module is torch-free; only
+measuring a live entry that the index lacks imports torch (its family already did).
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class _Entry:
 _FAMILIES: dict[str, Family] = {}
 _ENTRIES: dict[str, _Entry] = {}
 _families_loaded = False
+#: The file layouts models are saved in besides tinyvlm's own, by (layout, kind) (`register_writer`).
+_WRITERS: dict[tuple[str, Kind], Callable[..., Path]] = {}
 
 
 def register_family(family: Family) -> Family:
@@ -123,6 +128,28 @@ def register_family(family: Family) -> Family:
         raise ConfigError(f"family {family.name!r} is already registered")
     _FAMILIES[family.name] = family
     return family
+
+
+def register_writer(layout: str, kind: Kind, write: Callable[..., Path]) -> None:
+    """Make ``save_pretrained(folder, layout=layout)`` of a ``kind`` model call ``write(model, folder, ...)``
+    (a VLM's writer takes ``(vlm, folder)``, a decoder's ``(decoder, folder, tokenizer=)``). `tinyvlm.interop`
+    registers the layouts of other projects (transformers', ...); the model layers cannot import it, since it
+    imports them."""
+    if (layout, kind) in _WRITERS:
+        raise ConfigError(f"a writer of the {layout!r} layout for {kind}s is already registered")
+    _WRITERS[(layout, kind)] = write
+
+
+def get_writer(layout: str, kind: Kind) -> Callable[..., Path]:
+    """The writer `register_writer` registered for ``layout`` and ``kind``; a `ConfigError` naming those there
+    are otherwise."""
+    try:
+        return _WRITERS[(layout, kind)]
+    except KeyError:
+        known = sorted(name for name, of in _WRITERS if of == kind)
+        extra = " (tinyvlm's own: 'tinyvlm')" if kind == "vlm" else ""
+        hint = ", ".join(repr(name) for name in known) if known else "none registered: import tinyvlm.interop"
+        raise ConfigError(f"layout={layout!r}: {_a(kind)} is saved in {hint}{extra}") from None
 
 
 def register_model(
@@ -142,6 +169,9 @@ def register_model(
         raise ConfigError(f"zoo key {key!r} must be lower-case kebab case (letters, digits, '-', '.')")
     if key in _ENTRIES:
         raise ConfigError(f"zoo key {key!r} is already registered (by family {_ENTRIES[key].family!r})")
+    shipped = _read_index().get(key)
+    if shipped is not None and shipped.family != family:
+        raise ConfigError(f"zoo key {key!r} is a shipped {shipped.family} entry; register yours under another key")
     if family not in _FAMILIES:
         raise ConfigError(f"register family {family!r} before its zoo entry {key!r}")
     if not isinstance(config, _FAMILIES[family].config_cls):
@@ -198,7 +228,7 @@ def get_config(key: str, *, kind: Kind | None = None) -> "Config":
     load_families()
     entry = _ENTRIES.get(key)
     if entry is None or (kind is not None and _FAMILIES[entry.family].kind != kind):
-        raise UnknownModelError(_unknown_message(key, kind, _read_index()))
+        raise UnknownModelError(_unknown_message(key, kind, _all_specs()))
     return entry.config
 
 
@@ -255,10 +285,9 @@ def _natural_key(key: str) -> list[Any]:
 
 
 def _all_specs() -> dict[str, ModelSpec]:
-    """The live registry once the family modules are imported, otherwise the torch-free index."""
-    if _families_loaded:
-        return _live_specs()
-    return _read_index()
+    """The shipped entries (the torch-free index) and the live registrations, a live one replacing the
+    shipped entry of its key (the same entry, once its family module ran)."""
+    return {**_read_index(), **_live_specs()}
 
 
 _index_cache: dict[str, ModelSpec] | None = None

@@ -29,7 +29,7 @@ from tinyvlm.hub import (
     TOKENIZER_FILES,
     fetch,
 )
-from tinyvlm.registry import Kind, ModelSpec, get_spec, list_models
+from tinyvlm.registry import Kind, ModelSpec, family_for_config, get_family, get_spec, list_models
 
 #: Tokenizers shipped with tinyvlm for the random-init ``test-*`` decoders.
 ASSETS = Path(__file__).with_name("assets")
@@ -215,17 +215,15 @@ def download_model(name: str) -> list[tuple[str, Path | None]]:
     """Fetch everything ``name`` needs to load offline later, by reading it as a load would (config, weights,
     tokenizer, a VLM layout's processor files and named tokenizer); for a VLM recipe, its encoder and
     decoder. Returns ``(name, folder)`` for each model, None when there is nothing to download."""
-    from tinyvlm import registry
-
     source = resolve(name)
     if source.spec is not None and recipe_parts(source.spec):
         return [item for part in recipe_parts(source.spec) for item in download_model(part)]
     if source.repo_id is None:
         return [(name, None)]
     family = (
-        registry.get_family(source.spec.family)
+        get_family(source.spec.family)
         if source.spec is not None
-        else registry.family_for_config(source.config_json(), where=name)
+        else family_for_config(source.config_json(), where=name)
     )
     if family.read is not None:  # a VLM layout: reads its own files (tokenizers, processor settings)
         family.read(source)

@@ -16,6 +16,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 from tokenizers import Tokenizer as Backend
 
 from tinyvlm.errors import ConfigError, HubError
+from tinyvlm.sources import resolve
 
 #: SmolLM2-Instruct's template (HuggingFaceTB/SmolLM2-135M-Instruct, tokenizer_config.json): ChatML.
 CHATML_TEMPLATE = (
@@ -268,8 +269,6 @@ def _write_atomic(path: Path, text: str) -> None:
 def load_tokenizer(name: str) -> Tokenizer:
     """The tokenizer of a zoo key (the ``test-*`` decoders use one shipped with tinyvlm), an
     ``hf-hub:ORG/NAME`` repo or a ``local-dir:PATH`` folder."""
-    from tinyvlm.sources import resolve
-
     return Tokenizer.from_folder(resolve(name).tokenizer_folder())
 
 

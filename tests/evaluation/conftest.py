@@ -23,7 +23,7 @@ TRAIN_STEPS = 300
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A demo-recipe VLM trained briefly on shapes questions, free-form and multiple choice (``model``), and
     held-out data it never saw: ``mmstar`` (a parquet in MMStar's schema) and ``records`` (free-form JSONL)."""
-    from tinyvlm.demo import make_shapes_dataset
+    from tinyvlm.evaluation.shapes import make_shapes_dataset
 
     folder = tmp_path_factory.mktemp("shapes-model")
     data = write_training_data(folder / "train", count=300, seed=0)

@@ -15,7 +15,7 @@ import tinyvlm
 from tinyvlm.cli import main
 from tinyvlm.data import read_records
 from tinyvlm.evaluation.metrics import extract_choice
-from tinyvlm.training.loop import normalize_answer
+from tinyvlm.data.answers import normalize_answer
 
 POST = "\nAnswer with the option's letter from the given choices directly"
 TOKENS = 8  # the model answers a letter or a word or two, then its end-of-turn token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -14,10 +14,9 @@ from pydantic import Field, field_validator, model_validator
 from tinyvlm.config import Config, check_activation
 from tinyvlm.decoders.cache import KVCache
 from tinyvlm.errors import ConfigError
-from tinyvlm.generation import SamplingConfig, generate_tokens
-from tinyvlm.layers import decoding_layout_is_column_major, split_linear
-from tinyvlm.inference.quantize import QuantizedEmbedding, QuantizedMatrix
-from tinyvlm.inference.threads import ThreadTuner
+from tinyvlm.generation import SamplingConfig, StepScope, generate_tokens
+from tinyvlm.layers import Embedding, grown
+from tinyvlm.registry import get_writer
 
 
 @dataclass
@@ -52,11 +51,9 @@ class Decoder(nn.Module):
         """An empty preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + new)."""
         raise NotImplementedError
 
-    def thread_tuner(self, workload: str) -> ThreadTuner:
-        """This decoder's `ThreadTuner` for ``workload`` (``"prefill"``, ``"decode"``), kept across calls so
-        that what it measured carries over from one generation to the next."""
-        tuners = self.__dict__.setdefault("_thread_tuners", {})
-        return tuners.setdefault(workload, ThreadTuner())
+    #: Entered around each generation step (`tinyvlm.generation.TokenModel.step_scope`); None: nothing.
+    #: `tinyvlm.inference.prepare_for_inference` installs the thread choice here.
+    step_scope: StepScope | None = None
 
     def generate(
         self,
@@ -191,7 +188,9 @@ class TransformerDecoder(Decoder):
     """
 
     config: DecoderConfig
-    embed_tokens: nn.Embedding
+    #: The token embedding (`tinyvlm.layers.Embedding`, or a quantized table with the same methods), which is
+    #: also the LM head when ``lm_head`` is None.
+    embed_tokens: Embedding
     layers: nn.ModuleList
     norm: nn.Module
     rotary: nn.ModuleDict
@@ -240,43 +239,6 @@ class TransformerDecoder(Decoder):
             device=self.embed_tokens.weight.device,
         )
 
-    @torch.no_grad()
-    def prepare_for_inference(self) -> "TransformerDecoder":
-        """Store the weight matrices in the memory layout fastest for decoding on this device and dtype;
-        shapes, values and parameter names stay the same, and calling it again does nothing. Inference entry
-        points (`tinyvlm.build_decoder`, `tinyvlm.load_vlm`, the ``generate`` command) take this step;
-        training never does (an optimizer's state would no longer match the weights' strides), and
-        ``generate`` never changes the weights.
-
-        Decoding multiplies every matrix by one vector (one MKL call per thread's block of rows, see
-        `tinyvlm.layers.split_linear`). For fp32 on CPU, MKL reads a wide ``W [out, in]`` (``out >= in``: the LM
-        head, q, gate, up) 1.3-1.9x faster when it is stored column-major (``W.t()`` contiguous), a narrow one
-        (k, v, o, down) faster row-major (see docs/decoders.md, "Performance"); bf16 (oneDNN) is fastest
-        row-major throughout.
-
-        Quantized matrices (`tinyvlm.inference.quantize`) take the layout their kernels read (int4: tiled; an int8 LM
-        head on CPU: nibbles). Then the products that read the same input, q/k/v and gate/up, are fused into
-        one matrix each (`tinyvlm.layers.FusedLinears`: the parts' weights become views of it).
-        """
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        fusions = [part for layer in self.layers for part in (layer.self_attn, layer.mlp)]
-        fused = {id(member) for part in fusions if part.fused is not None and part.fused.current(part) for member in part.fused.parts}
-        for module in self.modules():
-            if id(module) in fused:  # already a view of its fused matrix, in that matrix's layout
-                continue
-            if isinstance(module, QuantizedMatrix):
-                module.prepare_for_inference(few_rows=module is head)
-            elif isinstance(module, nn.Linear) or module is head:
-                weight = module.weight
-                column_major = decoding_layout_is_column_major(weight.device, weight.dtype, *weight.shape)
-                if weight.is_meta or column_major == (weight.stride(0) == 1):
-                    continue
-                weight.data = weight.data.t().contiguous().t() if column_major else weight.data.contiguous()
-        for part in fusions:
-            if part.fused is None or not part.fused.current(part):
-                part.fuse_projections()
-        return self
-
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -293,8 +255,7 @@ class TransformerDecoder(Decoder):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM head over final hidden states (the unscaled embedding matrix when tied)."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        logits = head.matmul(hidden) if isinstance(head, QuantizedMatrix) else split_linear(hidden, head.weight)
+        logits = self.embed_tokens.as_head(hidden) if self.lm_head is None else self.lm_head(hidden)
         if self.final_logit_softcap is not None:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
@@ -346,16 +307,11 @@ class TransformerDecoder(Decoder):
             cache.advance(T)
         return self.norm(h)
 
-    def save_pretrained(self, folder: str | Path, layout: Literal["transformers"] = "transformers",
-                        tokenizer: Any = None) -> Path:
-        """Write the decoder as a transformers causal-LM folder (its family's ``LlamaForCausalLM`` /
-        ``Gemma3ForCausalLM``, with the ``tokenizer`` when given), atomically: `tinyvlm.interop.transformers.save_hf_decoder`.
-        Decoders have no other layout (tinyvlm reads theirs)."""
-        if layout != "transformers":
-            raise ConfigError(f"layout={layout!r}: a decoder is saved in the 'transformers' layout")
-        from tinyvlm.interop.transformers import save_hf_decoder
-
-        return save_hf_decoder(self, folder, tokenizer)
+    def save_pretrained(self, folder: str | Path, layout: str = "transformers", tokenizer: Any = None) -> Path:
+        """Write the decoder in a file ``layout`` (`tinyvlm.registry.get_writer`): ``"transformers"``, a
+        transformers causal-LM folder (its family's ``LlamaForCausalLM`` / ``Gemma3ForCausalLM``, with the
+        ``tokenizer`` when given), atomically. tinyvlm reads decoders in that layout."""
+        return get_writer(layout, "decoder")(self, Path(folder), tokenizer=tokenizer)
 
     @torch.no_grad()
     def resize_vocab(self, new_size: int) -> None:
@@ -364,24 +320,14 @@ class TransformerDecoder(Decoder):
         old = self.vocab_size
         if new_size < old:
             raise ConfigError(f"resize_vocab only grows the vocabulary ({old} -> {new_size} would drop tokens)")
-        if isinstance(self.embed_tokens, QuantizedEmbedding):
-            if self.lm_head is not None:
-                raise ConfigError("resize_vocab of a quantized decoder with an untied head: resize before quantizing")
-            mean = self.embed_tokens.dequantize().mean(0, keepdim=True)
-            self.embed_tokens.grow(mean.expand(new_size - old, -1))
-            self.config = self.config.replace(vocab_size=new_size)
-            return
-        self.embed_tokens.weight = nn.Parameter(_grown(self.embed_tokens.weight, new_size))
-        self.embed_tokens.num_embeddings = new_size
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            raise ConfigError(f"resize_vocab of a decoder whose untied head is a {type(self.lm_head).__name__}: "
+                              "resize before quantizing it")
+        self.embed_tokens.grow_to(new_size)
         if self.lm_head is not None:
-            self.lm_head.weight = nn.Parameter(_grown(self.lm_head.weight, new_size))
+            self.lm_head.weight = nn.Parameter(grown(self.lm_head.weight, new_size))
             self.lm_head.out_features = new_size
         self.config = self.config.replace(vocab_size=new_size)
-
-
-def _grown(weight: Tensor, rows: int) -> Tensor:
-    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
-    return torch.cat((weight, mean.expand(rows - weight.shape[0], -1)))
 
 
 def _split_mask(mask: Tensor | None, batch: int, new: int, total: int) -> tuple[Tensor | None, Tensor | None]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tinyvlm.config import require
 from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids, hf_token_value
 from tinyvlm.decoders.cache import LayerKV
-from tinyvlm.layers import Attention, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
+from tinyvlm.layers import Attention, Embedding, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
 
@@ -142,7 +142,7 @@ class Gemma3(TransformerDecoder):
     def __init__(self, config: Gemma3Config) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(Gemma3Block(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
         self.rotary = nn.ModuleDict(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tinyvlm.config import require
 from tinyvlm.decoders.base import DecoderConfig, TransformerDecoder, hf_token_ids, hf_token_value
 from tinyvlm.decoders.cache import LayerKV
-from tinyvlm.layers import Attention, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
+from tinyvlm.layers import Attention, Embedding, GatedMLP, RMSNorm, RopeConfig, RotaryEmbedding
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.weights import KeyMap
 
@@ -94,7 +94,7 @@ class Llama(TransformerDecoder):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = nn.ModuleDict({"default": RotaryEmbedding(config.head_dim, config.rope)})

@@ -29,8 +29,11 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from tinyvlm.api import build_vlm, load_vlm
+from tinyvlm.devices import check_device, default_device
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation.tasks import DEFAULT_MAX_NEW_TOKENS
+from tinyvlm.sources import resolve
 
 MODEL_ID = "tinyvlm"
 #: ``generation_kwargs`` keys this model reads; any other is refused rather than ignored.
@@ -65,9 +68,6 @@ class TinyVLMModel(lmms):
                 f"--model_args: unknown argument(s) {', '.join(sorted(unknown))} for tinyvlm; it takes pretrained, "
                 "dtype and max_new_tokens (and lmms-eval's --device / --batch_size)"
             )
-        from tinyvlm.devices import check_device, default_device
-        from tinyvlm.api import open_vlm
-
         try:
             self.batch_size = int(batch_size)  # a string from lmms-eval's CLI
         except ValueError:
@@ -75,8 +75,9 @@ class TinyVLMModel(lmms):
         if self.batch_size < 1 or int(max_new_tokens) < 1:
             raise ConfigError("batch_size and max_new_tokens must be at least 1")
         self.max_new_tokens = int(max_new_tokens)
-        self.vlm = open_vlm(str(pretrained), dtype=dtype, device=check_device(device) or default_device())
-        self.vlm.prepare_for_inference()
+        source = resolve(str(pretrained), "vlm")  # once: trained files are loaded, a recipe built
+        options: dict[str, Any] = dict(dtype=dtype, device=check_device(device) or default_device())
+        self.vlm = load_vlm(source, **options) if source.has_files else build_vlm(source, **options)
 
     @property
     def device(self) -> torch.device:

@@ -18,8 +18,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from tinyvlm import __version__
+from tinyvlm.api import build_vlm, load_vlm
+from tinyvlm.devices import check_device, default_device
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation.tasks import Sample, Task, parse_tasks
+from tinyvlm.inference.threads import fixed_threads
+from tinyvlm.sources import resolve
+from tinyvlm.vlm.model import VLM
 
 
 def evaluate(
@@ -59,23 +65,21 @@ def evaluate(
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    from tinyvlm.inference.threads import set_threads
-
-    set_threads(threads)
-    vlm, model_name = _open(model, device, quantize)
-    results: dict[str, Any] = {
-        "model": model_name,
-        "tinyvlm": _version(),
-        "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
-                     "device": str(vlm.device), "threads": _threads(),
-                     "quantize": None if vlm.config.quantization is None else vlm.config.quantization.mode},
-        "tasks": {},
-    }
-    for task in chosen:
-        results["tasks"][task.name] = run_task(
-            vlm, task, data=data, split=split, limit=limit, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, log_samples=log_samples, progress=progress,
-        )
+    with fixed_threads(threads):  # the run's count, restored after it
+        vlm, model_name = _open(model, device, quantize)
+        results: dict[str, Any] = {
+            "model": model_name,
+            "tinyvlm": _version(),
+            "settings": {"batch_size": batch_size, "limit": limit, "max_new_tokens": max_new_tokens,
+                         "device": str(vlm.device), "threads": _threads(),
+                         "quantize": None if vlm.config.quantization is None else vlm.config.quantization.mode},
+            "tasks": {},
+        }
+        for task in chosen:
+            results["tasks"][task.name] = run_task(
+                vlm, task, data=data, split=split, limit=limit, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, log_samples=log_samples, progress=progress,
+            )
     if output is not None:
         write_json(Path(output), results)
     return results
@@ -148,29 +152,25 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
-def _open(model: Any, device: str | None, quantize: str | None) -> tuple[Any, str]:
-    """The VLM to evaluate and the name the results give it."""
+def _open(model: Any, device: str | None, quantize: str | None) -> tuple[VLM, str]:
+    """The VLM to evaluate and the name the results give it: a name is resolved once and goes through the door
+    it means (`load_vlm` for trained files, `build_vlm` for a recipe)."""
     if isinstance(model, (str, Path)):
-        from tinyvlm.devices import check_device, default_device
-        from tinyvlm.api import open_vlm
-
-        vlm = open_vlm(str(model), device=check_device(device) or default_device(), quantize=quantize)
-        return vlm.prepare_for_inference(), str(model)
+        source = resolve(str(model), "vlm")
+        options: dict[str, Any] = dict(device=check_device(device) or default_device(), quantize=quantize)
+        vlm = load_vlm(source, **options) if source.has_files else build_vlm(source, **options)
+        return vlm, str(model)
     if device is not None:
         raise ConfigError("device applies to a model given by name; move a loaded VLM with .to(device) first")
     if quantize is not None:
         raise ConfigError("quantize applies to a model given by name; quantize a loaded VLM with "
                           "tinyvlm.inference.quantize.quantize_model(vlm, mode) first")
-    from tinyvlm.vlm.model import VLM
-
     if not isinstance(model, VLM):
         raise ConfigError(f"model must be a tinyvlm.VLM or a model name, got {type(model).__name__}")
     return model, f"{type(model).__name__}({model.config.encoder} + {model.config.decoder})"
 
 
 def _version() -> str:
-    from tinyvlm import __version__
-
     return __version__
 
 

@@ -1,5 +1,8 @@
-"""The demo's shapes (`tinyvlm.demo`) as multiple-choice questions, in MMStar's schema and in tinyvlm's
-training format: an offline benchmark to try ``tinyvlm eval --task mmstar`` on, and data to fine-tune for it.
+"""The shapes dataset of the demo (`tinyvlm.demo`): one shape (circle / square / triangle) of one colour
+(red / green / blue / yellow) in one quadrant of a 64x64 picture, with questions about its colour, shape or
+position and one- or two-word answers (`make_shapes_dataset`); and the same pictures as multiple-choice
+questions, in MMStar's schema and in tinyvlm's training format: an offline benchmark to try
+``tinyvlm eval --task mmstar`` on, and data to fine-tune for it.
 
 Each question of the shapes dataset (colour, shape or position) becomes a 4-option question written as
 MMStar writes them, the options inline after the question::
@@ -8,7 +11,7 @@ MMStar writes them, the options inline after the question::
     Options: A: blue, B: red, C: yellow, D: green
 
 and the answer is the letter. Shape questions get a fourth option that never is the answer ("star"), so a
-model that cannot see still scores `tinyvlm.demo.CHANCE` at best (1/4, 1/3, 1/4). Categories use MMStar's
+model that cannot see still scores `CHANCE` at best (1/4, 1/3, 1/4). Categories use MMStar's
 own names: colour is ``instance reasoning / single-instance reasoning``, shape ``fine-grained perception /
 recognition``, position ``fine-grained perception / localization``.
 """
@@ -21,9 +24,76 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from tinyvlm.demo import ANSWERS, COLOURS, POSITIONS, QUESTIONS, SHAPES, Scene, draw_scene
+from tinyvlm.evaluation.tasks import MMStar
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+QUESTIONS = {
+    "colour": ("What colour is the shape?", "Which colour is it?", "What is the colour of the object?"),
+    "shape": ("What shape is this?", "Which shape do you see?", "What kind of shape is in the picture?"),
+    "position": ("Where is the shape?", "In which corner is the shape?", "Where is the object?"),
+}
+ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS}
+#: Accuracy of the best blind guess: uniform answers, question types in equal proportion.
+CHANCE = sum(1 / len(ANSWERS[kind]) for kind in QUESTIONS) / len(QUESTIONS)
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    position: str
+
+
+def draw_scene(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
+    """The shape of ``scene`` inside its quadrant, with a random size and offset, on a light, randomly tinted background."""
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    extent = rng.randint(size // 4, size * 7 // 16)  # side of the shape's bounding box: 16-28 px at 64
+    row, column = POSITIONS.index(scene.position) // 2, POSITIONS.index(scene.position) % 2
+    left = column * half + rng.randint(1, half - extent - 1)
+    top = row * half + rng.randint(1, half - extent - 1)
+    box = (left, top, left + extent, top + extent)
+    fill = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in COLOURS[scene.colour])
+    if scene.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + extent / 2, top), (left, top + extent), (left + extent, top + extent)], fill=fill)
+    return image
+
+
+def make_shapes_dataset(folder: str | Path, *, count: int, seed: int = 0, size: int = 64) -> Path:
+    """Write ``count`` images and a ``data.jsonl`` (messages style, one question per image) under ``folder``.
+    Deterministic in ``seed``. Question types cycle so that each is a third of the data."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    kinds = tuple(QUESTIONS)
+    lines = []
+    for i in range(count):
+        scene = Scene(rng.choice(tuple(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))
+        name = f"images/{i:05d}.png"
+        draw_scene(scene, rng, size).save(folder / name)
+        kind = kinds[i % len(kinds)]
+        answer = {"colour": scene.colour, "shape": scene.shape, "position": scene.position}[kind]
+        messages = [
+            {"role": "user", "content": "<image>" + rng.choice(QUESTIONS[kind])},
+            {"role": "assistant", "content": answer},
+        ]
+        lines.append(json.dumps({"images": [name], "messages": messages}))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------- multiple choice
 
 LETTERS = ("A", "B", "C", "D")
 #: The fourth option of shape questions (never drawn).
@@ -97,8 +167,6 @@ def write_mmstar_parquet(path: str | Path, questions: list[ChoiceQuestion]) -> P
 def write_choice_records(folder: str | Path, questions: list[ChoiceQuestion]) -> Path:
     """The questions as training records (``data.jsonl`` + ``images/``, messages style): the question with
     MMStar's post-prompt, answered by the letter."""
-    from tinyvlm.evaluation.tasks import MMStar
-
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -114,10 +182,8 @@ def write_choice_records(folder: str | Path, questions: list[ChoiceQuestion]) ->
 
 
 def write_training_data(folder: str | Path, *, count: int, seed: int) -> Path:
-    """``count`` free-form shapes records (`tinyvlm.demo.make_shapes_dataset`) and ``count`` multiple-choice
-    ones, alternating, in ``folder/data.jsonl`` (images under ``folder/free`` and ``folder/choice``)."""
-    from tinyvlm.demo import make_shapes_dataset
-
+    """``count`` free-form shapes records (`make_shapes_dataset`) and ``count`` multiple-choice ones,
+    alternating, in ``folder/data.jsonl`` (images under ``folder/free`` and ``folder/choice``)."""
     folder = Path(folder)
     free = make_shapes_dataset(folder / "free", count=count, seed=seed)
     choice = write_choice_records(folder / "choice", choice_questions(count, seed=seed + 1))

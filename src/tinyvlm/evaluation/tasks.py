@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
+from tinyvlm.data.answers import normalize_answer
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.evaluation import metrics
 
@@ -314,8 +315,6 @@ class ExactMatch(Task):
         return Sample(id=record.where, messages=record.prompt, images=images, reference=record.answer)
 
     def score(self, prediction: str, reference: str) -> float:
-        from tinyvlm.training.loop import normalize_answer
-
         return 1.0 if normalize_answer(prediction) == normalize_answer(reference) else 0.0
 
     def aggregate(self, scored: Scored) -> dict[str, float]:

@@ -39,8 +39,9 @@ from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.sources import Source, tokenizer_source
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm.config import BuiltParts, ImageTokenConfig, PartRecord, VLMConfig
-from tinyvlm.vlm.model import VLM
+from tinyvlm.processing.tokens import ImageTokenConfig
+from tinyvlm.vlm.config import BuiltParts, PartRecord, VLMConfig
+from tinyvlm.vlm.model import VLM, assemble
 from tinyvlm.weights import KeyMap
 
 #: The placeholder tinyvlm uses for v0.1 checkpoints, whose vocabulary has no image token.
@@ -187,7 +188,7 @@ register_family(
         name="nanovlm",
         kind="vlm",
         config_cls=VLMConfig,
-        build=VLM.from_config,
+        build=assemble,
         key_map=key_map,
         detect=is_nanovlm_config,
         read=read,

@@ -32,12 +32,13 @@ from tinyvlm.encoders.siglip import SiglipConfig
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import RopeConfig
 from tinyvlm.processing.splitting import CHAT_TEMPLATE, GLOBAL_TOKEN, IMAGE_TOKEN
+from tinyvlm.processing.tokens import ImageTokenConfig
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.sources import Source
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm.config import BuiltParts, ImageTokenConfig, PartRecord, VLMConfig
-from tinyvlm.vlm.model import VLM
+from tinyvlm.vlm.config import BuiltParts, PartRecord, VLMConfig
+from tinyvlm.vlm.model import VLM, assemble
 from tinyvlm.weights import KeyMap
 
 #: ``model_type`` values of their config.json files.
@@ -126,7 +127,7 @@ def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
         text = text.replace(eos_token_ids=[stops] if isinstance(stops, int) else list(stops))
     resize = pre.get("size", {}).get("longest_edge", 4 * tile) if pre.get("do_resize", True) else None
     tokens = ImageTokenConfig(
-        layout="smolvlm",
+        token_layout="smolvlm",
         image_token=IMAGE_TOKEN,
         global_image_token=GLOBAL_TOKEN,
         tile_token="<row_{row}_col_{col}>",
@@ -184,7 +185,7 @@ register_family(
         name="smolvlm",
         kind="vlm",
         config_cls=VLMConfig,
-        build=VLM.from_config,
+        build=assemble,
         key_map=key_map,
         hf_model_types=MODEL_TYPES,
         read=read,
@@ -209,7 +210,7 @@ def _zoo_config(repo: str, hidden: int, layers: int, heads: int, kv_heads: int, 
         bos_token_id=1, eos_token_ids=[49279], pad_token_id=2,
     )  # fmt: skip
     tokens = ImageTokenConfig(
-        layout="smolvlm", image_token=IMAGE_TOKEN, global_image_token=GLOBAL_TOKEN, tile_token="<row_{row}_col_{col}>",
+        token_layout="smolvlm", image_token=IMAGE_TOKEN, global_image_token=GLOBAL_TOKEN, tile_token="<row_{row}_col_{col}>",
         split_images=True, max_grid=4, resize_longest_edge=2048,
     )  # fmt: skip
     projector = PixelShuffleConfig(head="linear", bias=False, factor=4, in_dim=768, out_dim=hidden)

@@ -34,10 +34,10 @@ by the int4 kernel: with ``u = w + 128 = 16 h + l`` (``h, l`` in 0..15), ``s w =
 8 s)``, so the row ``[h | l]`` of ``2 cols`` 4-bit values, with scale ``16 s`` (zero 0) over the ``h`` groups
 and scale ``s`` (zero ``8 s``) over the ``l`` groups, times ``[x | x]`` is ``x . (s w)``, exactly (the kernel
 dequantizes in fp32). Same bytes per weight; at one row the int4 kernel streams them 1.3-1.4x faster than the
-int8 kernel, at many rows it is slower (``python benchmarks/kernels.py [--rows]``).
+int8 kernel, at many rows it is slower (``python benchmarks/matmul_kernels.py [--rows]``).
 
-The tiled layouts are made by `QuantizedMatrix.prepare_for_inference` (which
-`TransformerDecoder.prepare_for_inference` calls). ``state_dict()`` always returns the plain layout above, so
+The tiled layouts (a matrix's ``tiling``) are made by `QuantizedMatrix.tile_for_kernels` (which
+`tinyvlm.inference.prepare_for_inference` calls). ``state_dict()`` always returns the plain layout above, so
 saving after preparing writes the documented layout.
 
 Quantizing at load (`LoadQuantizer`, used by `tinyvlm.weights.load_checkpoint`): each matrix is read from
@@ -69,7 +69,7 @@ CPU_INT4_TILE = 64
 #: From this many rows on, a product of a plain int8 matrix dequantizes it a block of rows at a time and uses
 #: the fp32 GEMM: the int8 kernel's time grows with the rows. Gemma-3 270M's blocks, all layers, kernel /
 #: dequantized: 32 rows 81 / 111 ms, 64 rows 154 / 180 (another run: 113 / 114), 128 rows 219 / 153, 512 rows
-#: 874 / 464 (``python benchmarks/kernels.py --rows 1 8 32 64 128 512``).
+#: 874 / 464 (``python benchmarks/matmul_kernels.py --rows 1 8 32 64 128 512``).
 MANY_ROWS = 64
 
 
@@ -273,8 +273,8 @@ class QuantizedMatrix(nn.Module):
     """A ``[rows, cols]`` matrix stored in int8 or int4 (layout in the module docstring), with its product
     ``x @ W.T`` (`matmul`) and row lookup (`lookup`).
 
-    ``layout`` is ``"plain"`` (the documented one, what ``state_dict`` returns) or, after
-    `prepare_for_inference`, the kernel's: ``"tiled-cpu"`` / ``"tiled-cuda"`` for int4, ``"nibbles-cpu"`` for
+    ``tiling`` is ``"plain"`` (the documented layout, what ``state_dict`` returns) or, after
+    `tile_for_kernels`, the kernel's: ``"tiled-cpu"`` / ``"tiled-cuda"`` for int4, ``"nibbles-cpu"`` for
     int8 on CPU (module docstring; its scale/zero is the non-persistent ``nibble_scale_zero``). Moving the
     module (``.to``) returns it to the plain layout first.
     """
@@ -286,7 +286,7 @@ class QuantizedMatrix(nn.Module):
         super().__init__()
         check_shape(rows, cols, mode, group_size)
         self.rows, self.cols, self.mode, self.group_size = rows, cols, mode, group_size
-        self.layout = "plain"
+        self.tiling = "plain"
         if mode == "int8":
             self.register_buffer("weight", torch.empty(rows, cols, dtype=torch.int8, device=device))
             self.register_buffer("weight_scale", torch.empty(rows, dtype=KERNEL_DTYPE, device=device))
@@ -299,7 +299,7 @@ class QuantizedMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        return f"rows={self.rows}, cols={self.cols}, mode={self.mode}{group}, layout={self.layout}"
+        return f"rows={self.rows}, cols={self.cols}, mode={self.mode}{group}, tiling={self.tiling}"
 
     # ------------------------------------------------------------------------------------------- filling
 
@@ -331,11 +331,11 @@ class QuantizedMatrix(nn.Module):
 
     def plain_weight(self) -> Tensor:
         """The stored weight in the plain layout (a new tensor when tiled)."""
-        if self.layout == "tiled-cpu":
+        if self.tiling == "tiled-cpu":
             return untile_int4_cpu(self.weight)
-        if self.layout == "nibbles-cpu":
+        if self.tiling == "nibbles-cpu":
             return nibbles_to_int8(self.weight)
-        if self.layout == "tiled-cuda":
+        if self.tiling == "tiled-cuda":
             assert self._plain is not None
             return self._plain.to(self.weight.device)
         return self.weight
@@ -351,10 +351,10 @@ class QuantizedMatrix(nn.Module):
         """Rows ``ids`` (any shape) of the float32 matrix -> ``[*ids.shape, cols]`` (an embedding lookup)."""
         flat = ids.reshape(-1)
         if self.mode == "int8":
-            picked = nibbles_to_int8(self.weight, flat) if self.layout == "nibbles-cpu" else self.weight[flat]
+            picked = nibbles_to_int8(self.weight, flat) if self.tiling == "nibbles-cpu" else self.weight[flat]
             rows = picked.float() * self.weight_scale[flat].float()[:, None]
         else:
-            if self.layout == "tiled-cpu":
+            if self.tiling == "tiled-cpu":
                 packed = untile_int4_cpu(self.weight, flat)
             else:
                 packed = self.plain_weight()[flat]
@@ -376,20 +376,20 @@ class QuantizedMatrix(nn.Module):
         """``flat [n, cols] @ W.T`` by the kernel of this layout, in ``flat``'s dtype (no autograd). Many rows
         (a prompt, a training batch) in the plain layout are multiplied by blocks of dequantized rows instead:
         the weight-only kernels are built for few rows (`MANY_ROWS`)."""
-        if self.layout == "plain" and (self.mode == "int4" or flat.shape[0] >= MANY_ROWS):
+        if self.tiling == "plain" and (self.mode == "int4" or flat.shape[0] >= MANY_ROWS):
             return self._dequantized_product(flat)
-        if self.layout == "nibbles-cpu":
+        if self.tiling == "nibbles-cpu":
             x = flat.to(KERNEL_DTYPE)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 torch.cat((x, x), dim=1), self.weight, self.nibble_group, self.nibble_scale_zero
             )
         elif self.mode == "int8":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.weight_scale)
-        elif self.layout == "tiled-cpu":
+        elif self.tiling == "tiled-cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.to(KERNEL_DTYPE), self.weight, self.group_size, self.weight_scale_zero
             )
-        elif self.layout == "tiled-cuda":
+        elif self.tiling == "tiled-cuda":
             out = torch.ops.aten._weight_int4pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.group_size, self.weight_scale_zero)
         return out.to(flat.dtype)
 
@@ -403,40 +403,40 @@ class QuantizedMatrix(nn.Module):
             out[:, rows] = F.linear(x, self.dequantize(rows))
         return out.to(flat.dtype)
 
-    # ------------------------------------------------------------------------------------------- layouts
+    # ------------------------------------------------------------------------------------------- tilings
 
     @torch.no_grad()
-    def prepare_for_inference(self, *, few_rows: bool = False) -> None:
-        """The kernel's layout for this device (idempotent): int4 tiled. int8 stays plain, except with
+    def tile_for_kernels(self, *, few_rows: bool = False) -> None:
+        """The kernel's tiling for this device (idempotent): int4 tiled. int8 stays plain, except with
         ``few_rows`` (products of a few rows only: an LM head, one position per sequence) on CPU, where it
         takes the nibbles layout when ``cols`` is a multiple of 32 and ``rows`` of 16: the int4 kernel streams
         it faster at one row, but at many rows it is slower than the int8 kernel, which is slower than
-        dequantized blocks (`MANY_ROWS`; ``benchmarks/kernels.py --rows``)."""
-        if self.layout != "plain" or self.weight.is_meta:
+        dequantized blocks (`MANY_ROWS`; ``benchmarks/matmul_kernels.py --rows``)."""
+        if self.tiling != "plain" or self.weight.is_meta:
             return
         if self.mode == "int8":
             if few_rows and self.weight.device.type == "cpu" and nibble_group(self.cols) and self.rows % 16 == 0:
                 self.weight, scale_zero, self.nibble_group = int8_to_nibbles(self.weight, self.weight_scale)
                 self.register_buffer("nibble_scale_zero", scale_zero, persistent=False)
-                self.layout = "nibbles-cpu"
+                self.tiling = "nibbles-cpu"
             return
         if self.weight.device.type == "cpu":
             self.weight = tile_int4_cpu(self.weight)
-            self.layout = "tiled-cpu"
+            self.tiling = "tiled-cpu"
         elif self.weight.device.type == "cuda":
             self._plain = self.weight.cpu()  # the CUDA tiling is not inverted here: plain bytes kept (host) for saving
             swapped = (self.weight >> 4) | (self.weight << 4)  # the CUDA conversion wants column 2j in the high nibble
             self.weight = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _cuda_int4_tiles(self.cols))
-            self.layout = "tiled-cuda"
+            self.tiling = "tiled-cuda"
 
     @torch.no_grad()
     def to_plain(self) -> None:
         """Back to the plain layout (before a move or a state-dict load)."""
-        if self.layout != "plain":
+        if self.tiling != "plain":
             self.weight = self.plain_weight().contiguous()
             self._plain = None
             self._buffers.pop("nibble_scale_zero", None)
-            self.layout = "plain"
+            self.tiling = "plain"
 
     _plain: Tensor | None = None
     nibble_group: int | None = None
@@ -447,7 +447,7 @@ class QuantizedMatrix(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout != "plain":
+        if self.tiling != "plain":
             destination[prefix + "weight"] = self.plain_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
@@ -499,18 +499,24 @@ class QuantizedEmbedding(QuantizedMatrix):
     def forward(self, ids: Tensor) -> Tensor:
         return self.lookup(ids)
 
+    def as_head(self, hidden: Tensor) -> Tensor:
+        """The tied LM head's logits, ``hidden @ W.T`` (as `tinyvlm.layers.Embedding.as_head`)."""
+        return self.matmul(hidden)
+
     @torch.no_grad()
-    def grow(self, rows: Tensor) -> None:
-        """Append float ``rows [n, dim]`` (new vocabulary entries), quantized; plain layout only."""
+    def grow_to(self, rows: int) -> None:
+        """Append rows up to ``rows`` in all, each the mean of the existing (dequantized) rows, quantized (as
+        `tinyvlm.layers.Embedding.grow_to`); back to the plain tiling first."""
         self.to_plain()
         old = self.rows
-        grown = QuantizedEmbedding(old + rows.shape[0], self.cols, self.mode, self.group_size, device=self.weight.device)
+        mean = self.dequantize().mean(0, keepdim=True)
+        grown = QuantizedEmbedding(rows, self.cols, self.mode, self.group_size, device=self.weight.device)
         grown.weight[:old] = self.weight
         if self.mode == "int8":
             grown.weight_scale[:old] = self.weight_scale
         else:
             grown.weight_scale_zero[:, :old] = self.weight_scale_zero
-        grown.quantize_rows(old, rows)
+        grown.quantize_rows(old, mean.expand(rows - old, -1))
         for name in ("weight", "weight_scale", "weight_scale_zero"):
             if name in self._buffers:
                 self._buffers[name] = grown._buffers[name]
@@ -524,15 +530,15 @@ def stack_rows(parts: "list[QuantizedLinear]") -> "QuantizedLinear | None":
     groups, a bias, the CUDA int4 layout, or, in the tiled CPU layouts, a part before the last whose rows are
     not whole 64-row tiles (the kernel would read across its edge)."""
     first = parts[0]
-    same = {(p.mode, p.layout, p.cols, p.group_size, p.nibble_group, p.weight.device) for p in parts}
+    same = {(p.mode, p.tiling, p.cols, p.group_size, p.nibble_group, p.weight.device) for p in parts}
     if (
-        len(parts) < 2 or len(same) > 1 or first.layout == "tiled-cuda" or first.weight.is_meta
+        len(parts) < 2 or len(same) > 1 or first.tiling == "tiled-cuda" or first.weight.is_meta
         or any(p.bias is not None for p in parts)
-        or (first.layout != "plain" and any(p.rows % CPU_INT4_TILE for p in parts[:-1]))
+        or (first.tiling != "plain" and any(p.rows % CPU_INT4_TILE for p in parts[:-1]))
     ):  # fmt: skip
         return None
     stacked = QuantizedLinear(first.cols, sum(p.rows for p in parts), first.mode, first.group_size, device="meta")
-    stacked.layout, stacked.nibble_group = first.layout, first.nibble_group
+    stacked.tiling, stacked.nibble_group = first.tiling, first.nibble_group
     for name, dim in (("weight", 0), ("weight_scale", 0), ("weight_scale_zero", 1), ("nibble_scale_zero", 1)):
         if name in first._buffers:
             stacked.register_buffer(name, torch.cat([p._buffers[name] for p in parts], dim), persistent=name != "nibble_scale_zero")
@@ -624,9 +630,9 @@ def quantize_decoder(decoder: nn.Module, config: QuantizationConfig) -> nn.Modul
 
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Quantize a loaded decoder or VLM in place (a VLM's decoder; encoder and projector stay as they are),
-    record it in a VLM's config and take the inference step: the helper commands call after loading a
-    model their own way. ``mode``: ``"int8"`` or ``"int4"``."""
+    """Quantize a loaded decoder or VLM in place (a VLM's decoder; encoder and projector stay as they are) and
+    record it in a VLM's config. ``mode``: ``"int8"`` or ``"int4"``. The kernels' tilings come with
+    `tinyvlm.inference.prepare_for_inference`, which the doors (``quantize=``) take."""
     config = QuantizationConfig.for_mode(mode)
     decoder = getattr(model, "decoder", model)
     weight = decoder.embed_tokens.weight
@@ -640,7 +646,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     quantize_decoder(decoder, config)
     if hasattr(model, "decoder") and hasattr(model.config, "quantization"):
         model.config = model.config.replace(quantization=config)
-    return model.prepare_for_inference()
+    return model
 
 
 # ------------------------------------------------------------------------------------ quantizing at load

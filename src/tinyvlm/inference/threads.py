@@ -1,5 +1,8 @@
-"""Intra-op threads: set in one place (`set_threads`, behind every ``threads=`` / ``--threads``), or chosen
-automatically, step by step, between all threads and one (`ThreadTuner`).
+"""Intra-op threads: fixed around the work they are for (`fixed_threads`, behind every ``threads=``; the
+command-line process fixes its own with `set_threads`), or chosen automatically, step by step, between all
+threads and one (`ThreadTuner`). A model's generation steps run under its `ThreadChoice`, which
+`tinyvlm.inference.prepare_for_inference` gives it. No library function changes the process's count for
+good: a count is set for a block and restored after it.
 
 Why automatic: a decoding step is a few hundred small products, and each product split over threads is an
 OpenMP parallel region that waits for its slowest thread. When another process keeps a core busy, the
@@ -7,7 +10,7 @@ thread scheduled on that core gets a time slice only now and then, and every reg
 then decode several times slower than one (and train slower too). Which count wins depends on the load at
 that moment, so `ThreadTuner` times the repeated step (a decoding step, a training step) at both counts,
 keeps the faster and checks the other again from time to time. With ``threads`` given explicitly (or
-``OMP_NUM_THREADS`` set) the count is fixed and nothing is tuned. The count only changes *during* a step
+``OMP_NUM_THREADS`` set, or inside a `fixed_threads` block) the count is fixed and nothing is tuned. The count only changes *during* a step
 and is restored after it, so code running between steps never sees it.
 
 Torch-free at import (torch is imported when a count is set).
@@ -26,6 +29,8 @@ from typing import Iterator
 from tinyvlm.errors import ConfigError
 
 _pinned: int | None = None
+#: How many `fixed_threads` blocks are open (a count is fixed while any is).
+_fixed_blocks = 0
 
 
 def check_threads(threads: object) -> int:
@@ -36,8 +41,8 @@ def check_threads(threads: object) -> int:
 
 
 def set_threads(threads: int | None) -> None:
-    """Use ``threads`` intra-op threads from now on (``torch.set_num_threads``), fixed: no tuning. None
-    leaves the count as it is, tuned automatically."""
+    """For the command-line process only: use ``threads`` intra-op threads from now on, fixed (no tuning).
+    None leaves the count as it is, tuned automatically. Library code uses `fixed_threads`."""
     global _pinned
     if threads is None:
         return
@@ -47,9 +52,30 @@ def set_threads(threads: int | None) -> None:
     _pinned = threads
 
 
+@contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """Within the block, ``threads`` intra-op threads, fixed (no tuning); the count before is restored after
+    it. None changes nothing."""
+    global _fixed_blocks
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(check_threads(threads))
+    _fixed_blocks += 1
+    try:
+        yield
+    finally:
+        _fixed_blocks -= 1
+        torch.set_num_threads(before)
+
+
 def pinned() -> bool:
-    """Whether the user fixed the thread count (``threads=`` / ``--threads`` / ``OMP_NUM_THREADS``)."""
-    return _pinned is not None or bool(os.environ.get("OMP_NUM_THREADS"))
+    """Whether the thread count is fixed: ``OMP_NUM_THREADS``, the command line's ``--threads``
+    (`set_threads`), or an open `fixed_threads` block."""
+    return _pinned is not None or _fixed_blocks > 0 or bool(os.environ.get("OMP_NUM_THREADS"))
 
 
 @dataclass
@@ -151,3 +177,23 @@ class ThreadTuner:
             if kind == "one":
                 torch.set_num_threads(before)
         self._record(kind, elapsed / max(size.units, 1e-9))
+
+
+class ThreadChoice:
+    """The intra-op thread count of one model's generation steps (``step("prefill", tokens)``,
+    ``step("decode")``, entered by `tinyvlm.generation` around each step): ``threads`` when given, set for
+    the step and restored after it; otherwise one `ThreadTuner` per workload, kept across generations so that
+    what it measured carries over."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = None if threads is None else check_threads(threads)
+        self.tuners: dict[str, ThreadTuner] = {}
+
+    @contextmanager
+    def step(self, workload: str, units: float = 1.0) -> Iterator[None]:
+        if self.threads is not None:
+            with fixed_threads(self.threads):
+                yield
+            return
+        with self.tuners.setdefault(workload, ThreadTuner()).step(units):
+            yield

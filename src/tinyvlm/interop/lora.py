@@ -29,17 +29,20 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from safetensors.torch import save_file
+
 from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.interop.lora_settings import LoraSettings, target_pattern
+from tinyvlm.registry import get_spec
+from tinyvlm.sources import Source, resolve
+from tinyvlm.vlm.files import swap_into_place
+from tinyvlm.vlm.model import VLM
 from tinyvlm.weights import open_safetensors
-
-if TYPE_CHECKING:
-    from tinyvlm.vlm.model import VLM
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -97,13 +100,13 @@ def saved_parts(vlm: nn.Module) -> list[str]:
 
 
 def add_lora(
-    vlm: "VLM",
+    vlm: VLM,
     settings: LoraSettings,
     *,
     full_parts: Sequence[str] = ("projector",),
     base_name: str | None = None,
     base_revision: str | None = None,
-) -> "VLM":
+) -> VLM:
     """Inject fresh LoRA layers into ``vlm`` in place (random A, zero B: the outputs are unchanged) and make
     only them and the ``full_parts`` (trained in full, saved with the adapter) trainable. ``base_name`` and
     ``base_revision`` are recorded in ``adapter_config.json`` (``base_model_name_or_path``, ``revision``)."""
@@ -143,19 +146,17 @@ def add_lora(
     return vlm
 
 
-def rebuildable_base(name: str, *, pretrained: bool, full_parts: Sequence[str]) -> tuple[str, str | None]:
+def rebuildable_base(source: Source, *, pretrained: bool, full_parts: Sequence[str]) -> tuple[str, str | None]:
     """How an adapter names its base VLM (``base_model_name_or_path``, ``revision``), after checking that
     `tinyvlm.load_vlm` can rebuild that base exactly: a saved or trained VLM always; a recipe only from its
     parts' pretrained weights, with its freshly initialised projector trained (and so saved with the adapter)."""
-    from tinyvlm.registry import get_spec
-    from tinyvlm.sources import resolve
-
-    source = resolve(name, "vlm")
+    name = source.name
     if source.has_files:
         if source.local_dir is not None:
             return str(source.local_dir.resolve()), None
         return name, source.commit
-    recipe = get_spec(name, kind="vlm").config
+    assert source.spec is not None, "a name without files is a zoo entry"
+    recipe = get_spec(source.spec.key, kind="vlm").config
     problems = []
     if not pretrained:
         problems.append("pretrained is off, so its parts are random-init")
@@ -191,7 +192,7 @@ def register_quantized_layers(config: Any, vlm: nn.Module) -> None:
     """Give the quantized linears of ``vlm`` (if any) peft's LoRA layer, registered in ``config`` by type."""
     kinds = quantized_linear_types(vlm)
     if kinds:
-        from tinyvlm.interop.qlora import QuantLoraLinear
+        from tinyvlm.interop.qlora import QuantLoraLinear  # imports peft, an optional dependency
 
         config._register_custom_module({kind: QuantLoraLinear for kind in kinds})
 
@@ -223,8 +224,6 @@ def adapter_state_dict(vlm: nn.Module) -> dict[str, Tensor]:
 def write_adapter_files(vlm: nn.Module, folder: Path) -> None:
     """``adapter_model.safetensors`` and ``adapter_config.json`` into the existing ``folder`` (not atomic:
     `save_adapter` and the training checkpoints write into a temporary folder)."""
-    from safetensors.torch import save_file
-
     config = copy.deepcopy(adapter_config(vlm))
     config.inference_mode = True  # as PeftModel.save_pretrained writes it
     save_file(adapter_state_dict(vlm), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -236,8 +235,6 @@ def write_adapter_files(vlm: nn.Module, folder: Path) -> None:
 def save_adapter(vlm: nn.Module, folder: str | Path) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, atomically (a
     temporary folder next to it, renamed into place once complete)."""
-    from tinyvlm.vlm.files import swap_into_place
-
     folder = Path(folder)
     adapter_config(vlm)  # the error when there is none, before touching the disk
     if folder.exists() and any(folder.iterdir()) and not (folder / ADAPTER_CONFIG).is_file():
@@ -289,7 +286,7 @@ def read_adapter_config(folder: str | Path) -> Any:
     return config
 
 
-def load_adapter(vlm: "VLM", folder: str | Path) -> "VLM":
+def load_adapter(vlm: VLM, folder: str | Path) -> VLM:
     """Inject the adapter saved in ``folder`` into ``vlm`` (in place) and load its tensors strictly: every
     tensor of the file fills a LoRA weight or a tensor of a saved part, and every one of those is filled. The
     result is frozen (``requires_grad`` False), in eval mode, with the adapter unmerged."""
@@ -372,7 +369,7 @@ def load_adapter_weights(vlm: nn.Module, folder: str | Path) -> None:
 
 
 @torch.no_grad()
-def merge_adapter(vlm: "VLM") -> "VLM":
+def merge_adapter(vlm: VLM) -> VLM:
     """Fold the adapter into the base weights (``W += scale * B A``, peft's own merge) and put the plain base
     layers back: the result is an ordinary VLM (``save_pretrained`` writes a plain model)."""
     adapter_config(vlm)  # the error when there is none

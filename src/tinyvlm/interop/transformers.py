@@ -40,16 +40,19 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tinyvlm.errors import ConfigError
-from tinyvlm.tokenizer import Tokenizer
+from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    from tinyvlm.vlm.model import VLM
+from tinyvlm.decoders.base import hf_token_value
+from tinyvlm.errors import ConfigError
+from tinyvlm.interop.lora import has_adapter, quantized_linear_types
+from tinyvlm.tokenizer import Tokenizer
+from tinyvlm.vlm.files import swap_into_place, unique_tensors
+from tinyvlm.vlm.model import VLM
 
 #: transformers' causal-LM class of each decoder family.
 DECODER_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}
@@ -81,7 +84,7 @@ def processor_chat_template(template: str) -> str:
 # ------------------------------------------------------------------------------------------------- VLMs
 
 
-def idefics3_problems(vlm: "VLM") -> list[str]:
+def idefics3_problems(vlm: VLM) -> list[str]:
     """Why ``vlm`` cannot be written as an Idefics3 model (empty when it can)."""
     parts, tokens = vlm.config.parts, vlm.config.image_tokens
     assert parts is not None
@@ -96,10 +99,10 @@ def idefics3_problems(vlm: "VLM") -> list[str]:
     if projector.get("head") != "linear" or projector.get("bias") or projector.get("order", "nanovlm") != "nanovlm":
         problems.append(f"its projector (head {projector.get('head')!r}, bias {projector.get('bias')}) is not "
                         "pixel-shuffle-linear: Idefics3's connector is a pixel shuffle and one bias-free Linear")
-    if tokens.layout != "smolvlm":
-        problems.append(f"its image tokens use the {tokens.layout} layout ({tokens.image_token!r} runs, the global "
+    if tokens.token_layout != "smolvlm":
+        problems.append(f"its image tokens use the {tokens.token_layout} token layout ({tokens.image_token!r} runs, the global "
                         "view first), which Idefics3Processor cannot write: build the VLM with processor_kwargs="
-                        "{'layout': 'smolvlm', 'image_token': '<image>', 'global_image_token': '<global-img>'} to "
+                        "{'token_layout': 'smolvlm', 'image_token': '<image>', 'global_image_token': '<global-img>'} to "
                         "export it")
     grid = vlm.image_grid
     if grid[0] != grid[1]:
@@ -109,8 +112,6 @@ def idefics3_problems(vlm: "VLM") -> list[str]:
 
 def weight_problems(module: nn.Module) -> list[str]:
     """Weights that transformers' layouts cannot hold: an unmerged LoRA adapter, quantized linears."""
-    from tinyvlm.interop.lora import has_adapter, quantized_linear_types
-
     problems = []
     if has_adapter(module):
         problems.append("it carries a LoRA adapter: merge it first (tinyvlm merge, or tinyvlm.interop.lora.merge_adapter)")
@@ -144,10 +145,8 @@ def padded_rows(tensor: Tensor, rows: int) -> Tensor:
     return torch.cat((tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])))
 
 
-def save_idefics3(vlm: "VLM", folder: str | Path) -> Path:
+def save_idefics3(vlm: VLM, folder: str | Path) -> Path:
     """Write ``vlm`` as a transformers Idefics3 folder (see the module docstring), atomically."""
-    from tinyvlm.vlm.files import unique_tensors
-
     problems = idefics3_problems(vlm)
     if problems:
         raise ConfigError("cannot export this VLM to the transformers (Idefics3) layout: " + "; ".join(problems))
@@ -216,8 +215,6 @@ def save_idefics3(vlm: "VLM", folder: str | Path) -> Path:
 
 def generation_config(config: Any, *, suppress: Sequence[int] = ()) -> dict[str, Any]:
     """``generation_config.json``: the decoder's special ids (stop ids as a list when several)."""
-    from tinyvlm.decoders.base import hf_token_value
-
     generation: dict[str, Any] = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_token_value(config.eos_token_ids),
                                   "pad_token_id": config.pad_token_id}
     if suppress:
@@ -229,8 +226,6 @@ def save_hf_decoder(decoder: nn.Module, folder: str | Path, tokenizer: Tokenizer
     """Write a decoder as a transformers ``LlamaForCausalLM`` / ``Gemma3ForCausalLM`` folder (``config.json``,
     ``model.safetensors`` with ``model.``-prefixed names and ``lm_head.weight`` when untied,
     ``generation_config.json``, and the tokenizer with ``chat_template.jinja`` when given), atomically."""
-    from tinyvlm.vlm.files import unique_tensors
-
     problems = weight_problems(decoder)
     if problems:
         raise ConfigError("cannot export this decoder to the transformers layout: " + "; ".join(problems))
@@ -250,10 +245,6 @@ def save_hf_decoder(decoder: nn.Module, folder: str | Path, tokenizer: Tokenizer
 def _write(folder: Path, tensors: dict[str, Tensor], files: dict[str, Any], tokenizer: Tokenizer | None,
            chat_template: str | None) -> Path:
     """The folder, written to a temporary folder next to it and renamed into place once complete."""
-    from safetensors.torch import save_file
-
-    from tinyvlm.vlm.files import swap_into_place
-
     if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} exists and is not a model folder; refusing to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -274,26 +265,3 @@ def _write(folder: Path, tensors: dict[str, Tensor], files: dict[str, Any], toke
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
-
-
-def export(name: str, folder: str | Path) -> tuple[str, Path]:
-    """``tinyvlm export NAME DIR``: a VLM (saved, trained, or a recipe) as Idefics3, a decoder as a plain
-    causal LM. Returns the kind exported and the folder."""
-    from tinyvlm.api import build_part
-    from tinyvlm.registry import family_for_config
-    from tinyvlm.sources import resolve
-    from tinyvlm.api import build_vlm, read_vlm
-
-    source = resolve(name)
-    if source.spec is not None:
-        kind = source.spec.kind
-    else:
-        kind = family_for_config(source.config_json(), where=source.name).kind
-    if kind == "vlm":
-        vlm = read_vlm(source, dtype=None, device=None) if source.has_files else build_vlm(name)
-        return kind, save_idefics3(vlm, folder)
-    if kind == "decoder":
-        decoder = build_part("decoder", source, pretrained=True, dtype=None, device=None, overrides={})
-        return kind, save_hf_decoder(decoder, folder, Tokenizer.from_folder(source.tokenizer_folder()))
-    raise ConfigError(f"{name!r} is an {kind}: export writes VLMs (Idefics3) and decoders (LlamaForCausalLM / "
-                      "Gemma3ForCausalLM)")

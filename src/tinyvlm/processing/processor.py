@@ -5,7 +5,7 @@ Each image becomes a run of image tokens, one per projected feature, placed wher
 replaces those positions with the projector's outputs (`tinyvlm.vlm.VLM`), so the image token's own
 embedding row is never looked up.
 
-Token layout (`ImageTokenConfig.layout`), nanoVLM's (``"nanovlm"``): without splitting an image is
+Token layout (`ImageTokenConfig.token_layout`), nanoVLM's (``"nanovlm"``): without splitting an image is
 ``N x <|image|>``. With splitting it is ``<|global_image|> N x <|image|>`` for the whole image resized to the
 encoder's size, then for each tile, row by row, ``<row_i_col_j> N x <|image|>``; an image no larger than one
 tile keeps only the global view. ``pixel_values`` holds every view (global first, then tiles) of every image
@@ -28,7 +28,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from tinyvlm.errors import ConfigError, DataError
-from tinyvlm.vlm.config import ImageTokenConfig
+from tinyvlm.processing.image import ImageTransform
+from tinyvlm.processing.splitting import SmolVLMImageSplitter, image_prompt
+from tinyvlm.processing.tokens import ImageTokenConfig
 
 if TYPE_CHECKING:
     from tinyvlm.tokenizer import Tokenizer
@@ -110,7 +112,7 @@ class Processor:
     def views(self, image: Image.Image) -> Tensor:
         """The ``[V, 3, S, S]`` views of one image, in token order: the image itself, or with splitting the
         global view then the tiles of the image resized to ``rows*S`` x ``cols*S``, row by row."""
-        if self.tokens.layout == "smolvlm":
+        if self.tokens.token_layout == "smolvlm":
             return self._smolvlm_splitter().pixel_values(image)
         s = self.image_size
         whole = self.preprocess([image], size=(s, s))
@@ -143,9 +145,7 @@ class Processor:
         return ids
 
     def _image_ids(self, image: Image.Image | None) -> list[int]:
-        if self.tokens.layout == "smolvlm":
-            from tinyvlm.processing.splitting import image_prompt
-
+        if self.tokens.token_layout == "smolvlm":
             rows, cols = self._smolvlm_splitter().grid(image) if image is not None else (0, 0)
             if image is None and self.tokens.split_images:
                 raise DataError("with image splitting, the token layout depends on the image size: pass the images")
@@ -157,9 +157,7 @@ class Processor:
             raise DataError("with image splitting, the token layout depends on the image size: pass the images")
         return self.image_token_ids(self.grid(image))
 
-    def _smolvlm_splitter(self):
-        from tinyvlm.processing.splitting import SmolVLMImageSplitter
-
+    def _smolvlm_splitter(self) -> SmolVLMImageSplitter:
         return SmolVLMImageSplitter(
             tile=self.image_size, longest_edge=self.tokens.resize_longest_edge, do_image_splitting=self.tokens.split_images
         )
@@ -398,8 +396,6 @@ def _count_message(placeholders: int, images: int) -> str:
 
 def _rescale_only(size: int) -> Callable[..., Tensor]:
     """nanoVLM v0.1's preprocessing: bilinear resize, then [0, 1] (no mean / std)."""
-    from tinyvlm.processing.image import ImageTransform
-
     return ImageTransform(size=(size, size), resample=Image.Resampling.BILINEAR, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from tinyvlm.processing.image import HALF, ImageTransform, to_rgb
-from tinyvlm.vlm.config import SMOLVLM_WRAP_TOKEN
+from tinyvlm.processing.tokens import SMOLVLM_WRAP_TOKEN
 
 FAKE_TOKEN = SMOLVLM_WRAP_TOKEN
 IMAGE_TOKEN = "<image>"

@@ -13,7 +13,7 @@ The channel order inside a shuffled token follows nanoVLM: the grid ``[h, w]`` i
 ``[h/s, s, w/s, s]`` and the two ``s`` axes move behind the grid axes, so token ``(i, j)`` concatenates
 the patches ``(i*s + a, j*s + b)`` for ``a`` (outer) then ``b`` (inner), each ``D`` channels wide.
 SmolVLM / Idefics3's connector reaches the same order by other views and transposes on the square grids
-it accepts (checked against transformers in ``tests/pretrained/test_smolvlm.py``); another project's order
+it accepts (checked against transformers in ``tests/formats/test_smolvlm.py``); another project's order
 would be one more entry of `SHUFFLE_ORDERS`.
 
 **Default factor** (``factor=None``): chosen from the encoder's grid at the training resolution by

@@ -103,7 +103,7 @@ class Job:
 
 
 class Engine:
-    """The queue and the worker thread around one prepared VLM (``vlm.prepare_for_inference()`` done)."""
+    """The queue and the worker thread around one VLM prepared for inference (as the doors give it)."""
 
     def __init__(self, vlm: "VLM", *, max_batch: int, max_queue: int, batch_wait: float) -> None:
         self.vlm = vlm

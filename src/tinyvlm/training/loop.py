@@ -36,15 +36,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tinyvlm.api import build_vlm, load_vlm
+from tinyvlm.data.answers import normalize_answer
 from tinyvlm.data.loading import Collator, MicroBatch, SampleMaker, filler_batch, load, skipped_message
 from tinyvlm.data.records import IGNORE_INDEX, Batch, open_image
 from tinyvlm.errors import ConfigError
+from tinyvlm.inference.prepare import prepare_for_training
+from tinyvlm.inference.threads import StepSize, ThreadTuner, fixed_threads
+from tinyvlm.interop.lora import add_lora, rebuildable_base, save_adapter
+from tinyvlm.sources import resolve
 from tinyvlm.training.checkpoints import (
     CHECKPOINTS, check_extends, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
 )
 from tinyvlm.training.config import PARTS, TrainConfig, make_config
 from tinyvlm.training.distributed import Processes, start_processes
-from tinyvlm.inference.threads import StepSize, ThreadTuner, set_threads
 from tinyvlm.training.inputs import Held, open_data, prepare_data
 from tinyvlm.training.plot import curves_after_run
 from tinyvlm.training.progress import MetricsLog, Progress
@@ -81,24 +86,23 @@ def lr_factor(step: int, *, max_steps: int, warmup_steps: int, min_lr_ratio: flo
 
 
 def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
-    """The VLM to train, in float32 (the optimizer's master weights), on ``device``, in the training layout;
-    its decoder quantized with ``quantize`` (QLoRA: the quantized weights stay frozen)."""
-    from tinyvlm.api import build_vlm, open_vlm
-
+    """The VLM to train, in float32 (the optimizer's master weights), on ``device``, in the training layouts
+    (`prepare_for_training`); its decoder quantized with ``runtime.quantize`` (QLoRA: the quantized weights stay
+    frozen). ``model.name`` is resolved once: a name with files is loaded, a recipe built."""
     torch.manual_seed(config.runtime.seed)  # random-init parts are the same in every process and every resume
-    chosen, quantize = config.model, config.runtime.quantize
+    chosen = config.model
+    source = None if chosen.encoder is not None else resolve(chosen.name, "vlm")
     lora = config.lora_settings
     if lora is not None:
-        from tinyvlm.interop.lora import add_lora, rebuildable_base
-
-        base, revision = rebuildable_base(chosen.name, pretrained=chosen.pretrained, full_parts=chosen.train)
-    if chosen.encoder is not None:
-        vlm = build_vlm(
-            chosen.encoder, chosen.decoder, chosen.projector,
-            pretrained=chosen.pretrained, dtype=torch.float32, device=device, quantize=quantize,
-        )
+        base, revision = rebuildable_base(source, pretrained=chosen.pretrained, full_parts=chosen.train)
+    options: dict[str, Any] = dict(dtype=torch.float32, device=device, quantize=config.runtime.quantize)
+    if source is None:
+        vlm = build_vlm(chosen.encoder, chosen.decoder, chosen.projector, pretrained=chosen.pretrained, **options)
+    elif source.has_files:
+        vlm = load_vlm(source, **options)
     else:
-        vlm = open_vlm(chosen.name, pretrained=chosen.pretrained, dtype=torch.float32, device=device, quantize=quantize)
+        vlm = build_vlm(source, pretrained=chosen.pretrained, **options)
+    prepare_for_training(vlm)
     if vlm.config.quantization is not None and "decoder" in chosen.train:
         raise ConfigError(
             f"the decoder is quantized ({vlm.config.quantization.mode}), so its weights cannot be trained in full: "
@@ -156,11 +160,6 @@ def summed_loss(model: nn.Module, batch: Batch) -> Tensor:
 def target_count(batch: Batch) -> int:
     """Positions that carry a loss: position ``t`` predicts ``labels[t + 1]``."""
     return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def normalize_answer(text: str) -> str:
-    """Exact match ignores case and surrounding / repeated whitespace."""
-    return " ".join(text.split()).lower()
 
 
 @torch.no_grad()
@@ -249,7 +248,7 @@ def run(config: TrainConfig) -> TrainResult:
 
 def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStack) -> TrainResult:
     runtime, evaluation, checkpointing = config.runtime, config.evaluation, config.checkpointing
-    set_threads(runtime.threads)
+    cleanup.enter_context(fixed_threads(runtime.threads))  # the run's count, restored when it ends
     output = checkpointing.output_dir
     existing = checkpoint_dirs(output)
     if checkpointing.resume and not existing:
@@ -424,7 +423,6 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
         progress.result(curves_after_run(output))
     metrics.close()
     if lora is not None:
-        from tinyvlm.interop.lora import save_adapter
 
         adapter_dir = output / ADAPTER
         if processes.main:

@@ -2,11 +2,11 @@
 
 * `tinyvlm.vlm.config`: `VLMConfig` and its records (torch-free);
 * `tinyvlm.vlm.model`: the `VLM` module (forward, generation) and how parts are fitted together;
-* `tinyvlm.api`: `build_vlm`, `load_vlm`, `open_vlm` (names -> VLMs);
 * `tinyvlm.vlm.files`: atomic saving, ``push_to_hub``, the model card;
 * `tinyvlm.vlm.recipes`: tinyvlm's own layout family and the recipe zoo entries.
 
-Importing this package imports none of them; the names below load on first use.
+The doors that make VLMs from names (`tinyvlm.build_vlm`, `tinyvlm.load_vlm`) are in `tinyvlm.api`, above this
+package. Importing this package imports none of its modules; the names below load on first use.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ _LAZY = {
     "VLM": "tinyvlm.vlm.model",
     "VLMOutput": "tinyvlm.vlm.model",
     "VLMConfig": "tinyvlm.vlm.config",
-    "build_vlm": "tinyvlm.api",
-    "load_vlm": "tinyvlm.api",
-    "open_vlm": "tinyvlm.api",
 }
 
 __all__ = list(_LAZY)
@@ -31,6 +28,5 @@ __getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 if TYPE_CHECKING:
-    from tinyvlm.api import build_vlm, load_vlm, open_vlm
     from tinyvlm.vlm.config import VLMConfig
     from tinyvlm.vlm.model import VLM, VLMOutput

@@ -13,61 +13,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tinyvlm.config import Config, QuantizationConfig
+from tinyvlm.processing.tokens import ImageTokenConfig
 
-#: Version of the config.json layout written by `VLM.save_pretrained`.
-SCHEMA_VERSION = 1
+#: Version of the config.json written by `VLM.save_pretrained` (2: ``image_tokens.token_layout``, which
+#: version 1 called ``layout``).
+SCHEMA_VERSION = 2
 MODEL_TYPE = "tinyvlm"
-#: SmolVLM's token around each image view (``smolvlm`` layout).
-SMOLVLM_WRAP_TOKEN = "<fake_token_around_image>"
-
-
-class ImageTokenConfig(Config):
-    """The special tokens that carry images, and the image-splitting settings."""
-
-    family: ClassVar[str] = "image-tokens"
-
-    #: One per projected image feature.
-    image_token: str = "<|image|>"
-    #: Before the global view of a split image.
-    global_image_token: str = "<|global_image|>"
-    #: Before each tile of a split image; ``{row}`` and ``{col}`` count from 1.
-    tile_token: str = "<row_{row}_col_{col}>"
-    #: Split images larger than the encoder's input into a grid of tiles (plus a global view).
-    split_images: bool = False
-    #: At most this many tile rows and columns (nanoVLM: 4, i.e. 16 tiles + the global view).
-    max_grid: int = Field(4, ge=1, le=8)
-    layout: Literal["nanovlm", "smolvlm"] = "nanovlm"
-    #: ``smolvlm`` layout: first resize so the longest edge has this many pixels (None: keep the size).
-    resize_longest_edge: int | None = Field(None, ge=1)
-    #: Views resized bilinearly and rescaled to [0, 1] without the encoder's mean / std (nanoVLM v0.1's
-    #: ``Resize`` + ``ToTensor``) instead of the encoder's own preprocessing.
-    rescale_only: bool = False
-
-    @model_validator(mode="after")
-    def _smolvlm_strings(self) -> "ImageTokenConfig":
-        fixed = {"image_token": "<image>", "global_image_token": "<global-img>", "tile_token": "<row_{row}_col_{col}>"}
-        wrong = {name: getattr(self, name) for name, value in fixed.items() if getattr(self, name) != value}
-        if self.layout == "smolvlm" and wrong:
-            raise ValueError(
-                f"the smolvlm layout writes SmolVLM's token strings ({', '.join(fixed.values())}); got "
-                f"{', '.join(f'{k}={v!r}' for k, v in wrong.items())}: pass "
-                + ", ".join(f"{k}={fixed[k]!r}" for k in wrong)
-            )
-        return self
-
-    def marker_tokens(self) -> list[str]:
-        """The tokens that are embedded like text (and so need embedding rows): global and tile markers."""
-        tiles = [self.tile(r, c) for r in range(1, self.max_grid + 1) for c in range(1, self.max_grid + 1)]
-        if self.layout == "smolvlm":
-            return [SMOLVLM_WRAP_TOKEN, self.global_image_token, *(tiles if self.split_images else [])]
-        if not self.split_images:
-            return []
-        return [self.global_image_token, *tiles]
-
-    def tile(self, row: int, col: int) -> str:
-        return self.tile_token.format(row=row, col=col)
-
-
 class TrainingDefaults(Config):
     """Training settings a recipe suggests (nanoVLM's ``TrainConfig``); `tinyvlm.train` reads them as defaults.
     A learning rate of 0 freezes that part."""
@@ -110,10 +61,9 @@ class VLMConfig(Config):
     """A VLM: which encoder, decoder and projector (names and config overrides), the image-token settings and
     training defaults. ``parts`` is filled in by `build_vlm` with what it actually built; a recipe has none.
 
-    Edit a recipe with ``replace`` and pass it to `build_vlm`::
+    A recipe's options are overridden where it is built::
 
-        config = tinyvlm.get_spec("dinov3-gemma3-270m").config
-        vlm = tinyvlm.build_vlm(config.replace(projector="pixel-shuffle-mlp"))
+        vlm = tinyvlm.build_vlm("dinov3-gemma3-270m", projector="pixel-shuffle-mlp")
     """
 
     family: ClassVar[str] = "vlm"
@@ -132,6 +82,17 @@ class VLMConfig(Config):
     #: How the decoder's weights are stored (None: as the checkpoint, floating point); `tinyvlm.load_vlm`
     #: builds the quantized modules it names before loading ``model.safetensors`` strictly.
     quantization: QuantizationConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_schema_1(cls, values: Any) -> Any:
+        """A version-1 ``config.json`` named ``image_tokens.token_layout`` ``layout``."""
+        if isinstance(values, dict) and values.get("schema_version") == 1:
+            tokens = dict(values.get("image_tokens") or {})
+            if "layout" in tokens:
+                tokens["token_layout"] = tokens.pop("layout")
+            values = {**values, "image_tokens": tokens, "schema_version": SCHEMA_VERSION}
+        return values
 
     @field_validator("schema_version")
     @classmethod

@@ -12,11 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tinyvlm.errors import ConfigError, TinyVLMError
 from tinyvlm.hub import HF_HUB, LOCAL_DIR, push_folder
-from tinyvlm.interop.lora import has_adapter
+from tinyvlm.registry import get_spec
 from tinyvlm.vlm.config import MODEL_TYPE, PartRecord, VLMConfig
 
 if TYPE_CHECKING:
@@ -27,11 +28,9 @@ def save_vlm(vlm: "VLM", folder: Path, *, tensors: dict[str, Tensor] | None = No
     """``config.json``, ``model.safetensors`` (each tied tensor once) and the tokenizer files, atomically.
     ``tensors``: the weights to write when ``vlm`` holds only shards of them (a run sharded with FSDP passes
     the full state it gathered); by default the VLM's own."""
-    from safetensors.torch import save_file
-
     if vlm.tokenizer is None:
         raise ConfigError("this VLM has no tokenizer to save; build it with build_vlm or load_vlm")
-    if has_adapter(vlm):
+    if getattr(vlm, "peft_config", None):  # what peft leaves on a module it put adapters into (tinyvlm.interop.lora)
         raise ConfigError("this VLM carries a LoRA adapter: save the adapter alone (tinyvlm.interop.lora.save_adapter) "
                           "or merge it into the weights first (tinyvlm.interop.lora.merge_adapter, tinyvlm merge)")
     if folder.exists() and any(folder.iterdir()) and not is_model_folder(folder):
@@ -135,8 +134,6 @@ def model_card(config: VLMConfig, repo_id: str) -> str:
 
 
 def _hub_repo(name: str) -> str | None:
-    from tinyvlm.registry import get_spec
-
     if name.startswith(HF_HUB):
         return name[len(HF_HUB) :].partition("@")[0]
     if name.startswith(LOCAL_DIR):

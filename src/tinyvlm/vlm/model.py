@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.generation import SamplingConfig, TextStream, generate_tokens, stop_ids
 from tinyvlm.processing.processor import IGNORE_INDEX, Processor, is_single_prompt
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig, check_factor, default_factor
-from tinyvlm.registry import get_config, get_family
+from tinyvlm.registry import get_config, get_family, get_writer
 from tinyvlm.vlm import files
 from tinyvlm.vlm.config import BuiltParts, PartRecord, VLMConfig
 
@@ -60,41 +60,9 @@ class VLM(nn.Module):
         self.tokenizer = tokenizer
         self._processor: Processor | None = None
 
-    @classmethod
-    def from_config(cls, config: VLMConfig) -> "VLM":
-        """Build the modules (random init, on the current default device: ``torch.device("meta")`` before
-        loading weights). A recipe (no ``parts``) is resolved from the zoo, offline, without a tokenizer
-        (so without vocabulary growth)."""
-        if config.parts is not None:
-            encoder = build_part(config.parts.encoder)
-            decoder = build_part(config.parts.decoder)
-            projector_config = PixelShuffleConfig.validate_dict(config.parts.projector.config, context="projector")
-            projector = fit_projector(config, projector_config, encoder, decoder)
-            return cls(config, encoder, projector, decoder)
-        encoder = _zoo_part(config.encoder, "encoder", config.encoder_kwargs)
-        decoder = _zoo_part(config.decoder, "decoder", config.decoder_kwargs)
-        projector = fit_projector(config, projector_base(config), encoder, decoder)
-        parts = BuiltParts(
-            encoder=record(encoder, None),
-            decoder=record(decoder, None),
-            projector=record(projector, None),
-            image_token_id=-1,  # no tokenizer: ids unknown
-        )
-        return cls(config.replace(parts=parts), encoder, projector, decoder)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name: str | Path,
-        *,
-        adapter: str | Path | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> "VLM":
-        """`tinyvlm.load_vlm` under the name transformers users reach for."""
-        from tinyvlm.api import load_vlm  # the loader builds VLMs, so it imports this module
-
-        return load_vlm(name, adapter=adapter, dtype=dtype, device=device)
+    #: `tinyvlm.load_vlm` under the name transformers users reach for: the same function, bound by
+    #: `tinyvlm.api` (which imports this module, so this module cannot import it).
+    from_pretrained: ClassVar[Callable[..., "VLM"]]
 
     # ----------------------------------------------------------------------------------------- basics
 
@@ -133,12 +101,6 @@ class VLM(nn.Module):
                 max_length=self.decoder.config.max_position_embeddings,
             )
         return self._processor
-
-    def prepare_for_inference(self) -> "VLM":
-        """The decoder's decoding layout (`TransformerDecoder.prepare_for_inference`) and eval mode. Taken by
-        `tinyvlm.load_vlm` and the inference commands; never by training. Idempotent."""
-        self.decoder.prepare_for_inference()
-        return self.eval()
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -269,18 +231,15 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ saving
 
-    def save_pretrained(self, folder: str | Path, layout: Literal["tinyvlm", "transformers"] = "tinyvlm") -> Path:
+    def save_pretrained(self, folder: str | Path, layout: str = "tinyvlm") -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``folder``, atomically
-        (a temporary folder next to it, renamed into place once complete). ``layout="transformers"`` writes
-        transformers' Idefics3 layout instead (`tinyvlm.interop.transformers.save_idefics3`: SigLIP + Llama +
-        pixel-shuffle-linear VLMs with the smolvlm token layout)."""
-        if layout == "transformers":
-            from tinyvlm.interop.transformers import save_idefics3
-
-            return save_idefics3(self, folder)
-        if layout != "tinyvlm":
-            raise ConfigError(f"layout={layout!r}: expected 'tinyvlm' or 'transformers'")
-        return files.save_vlm(self, Path(folder))
+        (a temporary folder next to it, renamed into place once complete). Another file ``layout`` is written
+        by its registered writer (`tinyvlm.registry.get_writer`): ``"transformers"``, transformers' Idefics3
+        layout (`tinyvlm.interop.transformers.save_idefics3`: SigLIP + Llama + pixel-shuffle-linear VLMs with
+        the smolvlm token layout)."""
+        if layout == "tinyvlm":
+            return files.save_vlm(self, Path(folder))
+        return get_writer(layout, "vlm")(self, Path(folder))
 
     def push_to_hub(
         self, repo_id: str, *, private: bool = False, token: str | None = None, commit_message: str = "Upload tinyvlm model"
@@ -340,6 +299,28 @@ def fit_projector(config: VLMConfig, base: PixelShuffleConfig, encoder: nn.Modul
     return get_family(resolved.family).build(resolved)
 
 
+def assemble(config: VLMConfig) -> VLM:
+    """The VLM family's ``build`` (`tinyvlm.registry.Family`): the modules of ``config``, random init, on the
+    current default device (``torch.device("meta")`` before loading weights). A recipe (no ``parts``) is
+    resolved from the zoo, offline, without a tokenizer (so without vocabulary growth)."""
+    if config.parts is not None:
+        encoder = part_from_record(config.parts.encoder)
+        decoder = part_from_record(config.parts.decoder)
+        projector_config = PixelShuffleConfig.validate_dict(config.parts.projector.config, context="projector")
+        projector = fit_projector(config, projector_config, encoder, decoder)
+        return VLM(config, encoder, projector, decoder)
+    encoder = _zoo_part(config.encoder, "encoder", config.encoder_kwargs)
+    decoder = _zoo_part(config.decoder, "decoder", config.decoder_kwargs)
+    projector = fit_projector(config, projector_base(config), encoder, decoder)
+    parts = BuiltParts(
+        encoder=record(encoder, None),
+        decoder=record(decoder, None),
+        projector=record(projector, None),
+        image_token_id=-1,  # no tokenizer: ids unknown
+    )
+    return VLM(config.replace(parts=parts), encoder, projector, decoder)
+
+
 def _zoo_part(name: str, kind: Any, overrides: dict[str, Any]) -> nn.Module:
     if name.startswith(("hf-hub:", "local-dir:")):
         raise ConfigError(f"{name!r} cannot be resolved offline; build the VLM with tinyvlm.build_vlm")
@@ -347,7 +328,7 @@ def _zoo_part(name: str, kind: Any, overrides: dict[str, Any]) -> nn.Module:
     return get_family(config.family).build(config.replace(**overrides) if overrides else config)
 
 
-def build_part(record: PartRecord) -> nn.Module:
+def part_from_record(record: PartRecord) -> nn.Module:
     """A part rebuilt from its record (random init, on the current default device)."""
     family = get_family(record.family_name)
     return family.build(family.config_cls.validate_dict(record.config, context=family.name))

@@ -11,8 +11,9 @@ from tinyvlm.errors import ConfigError
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.sources import Source
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm.config import MODEL_TYPE, ImageTokenConfig, VLMConfig
-from tinyvlm.vlm.model import VLM
+from tinyvlm.processing.tokens import ImageTokenConfig
+from tinyvlm.vlm.config import MODEL_TYPE, VLMConfig
+from tinyvlm.vlm.model import VLM, assemble
 from tinyvlm.weights import KeyMap
 
 
@@ -41,7 +42,7 @@ register_family(
         name="vlm",
         kind="vlm",
         config_cls=VLMConfig,
-        build=VLM.from_config,
+        build=assemble,
         key_map=key_map,
         hf_model_types=(MODEL_TYPE,),
         read=read_tinyvlm,

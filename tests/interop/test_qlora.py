@@ -72,7 +72,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         for weight in vlm.decoder.parameters():
             if weight.dim() == 2:
-                weight.normal_(std=0.2)
+                weight.copy_(torch.randn(weight.shape) * 0.2)  # the same values in any weight layout
     return vlm.save_pretrained(tmp_path_factory.mktemp("base") / "model")
 
 
@@ -174,7 +174,7 @@ def test_gradients_through_the_quantized_base_equal_those_of_its_dequantized_wei
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tinyvlm.demo import make_shapes_dataset
+    from tinyvlm.evaluation.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), count=24, seed=1)
 

@@ -261,7 +261,7 @@ def test_save_and_load_give_identical_logits(vlm: VLM, tmp_path: Path) -> None:
             after = loaded(**loaded.processor("Describe <image>", [picture(6)])).logits
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["schema_version"] == 1 and saved["parts"]["projector"]["config"]["factor"] == 2
+    assert saved["schema_version"] == 2 and saved["parts"]["projector"]["config"]["factor"] == 2
 
 
 def test_load_from_a_hub_repo(hub, tmp_path: Path) -> None:
@@ -394,14 +394,17 @@ def test_recipe_param_counts_match_the_prior_art() -> None:
     assert tinyvlm.get_spec("nanovlm-460m").params == 86_433_024 + 361_821_120 + 11_796_480
 
 
-def test_recipe_builds_by_name_and_edited_config_passes_back() -> None:
+def test_recipe_builds_by_name_with_overrides_and_a_config_object_is_refused() -> None:
     vlm = build_vlm("test-vlm", pretrained=False)
     assert vlm.projector.factor == 2 and vlm.config.encoder == "test-siglip"
-    edited = tinyvlm.get_spec("test-vlm").config.replace(projector="mlp", projector_kwargs={}, decoder="test-gemma3")
-    other = build_vlm(edited, pretrained=False)
-    assert other.projector.factor == 1 and type(other.decoder).__name__ == "Gemma3"
+    other = build_vlm("test-vlm", projector="mlp", pretrained=False, projector_kwargs={"factor": 1})
+    assert other.projector.factor == 1 and other.config.projector == "mlp"
     overridden = build_vlm("test-vlm", pretrained=False, projector_kwargs={"factor": 4})
     assert overridden.projector.factor == 4
+    edited = tinyvlm.get_spec("test-vlm").config.replace(decoder="test-gemma3")
+    refused = r"^build_vlm takes names .* not a VLMConfig: register it as a recipe \(tinyvlm.register_model\)"
+    with pytest.raises(ConfigError, match=refused):
+        build_vlm(edited, pretrained=False)
 
 
 def test_recipes_build_on_meta_without_downloads() -> None:
@@ -416,3 +419,27 @@ def test_recipes_build_on_meta_without_downloads() -> None:
 def test_untrained_recipe_cannot_be_loaded() -> None:
     with pytest.raises(ConfigError, match="is a recipe .*build_vlm"):
         load_vlm("nanovlm-222m")
+
+
+def test_a_config_json_of_schema_1_reads_its_token_layout(tmp_path: Path) -> None:
+    """Folders saved before ``image_tokens.layout`` became ``token_layout`` (schema 1) still load."""
+    vlm = build_vlm("test-vlm", pretrained=False, processor_kwargs={"token_layout": "smolvlm", "image_token": "<image>",
+                                                                   "global_image_token": "<global-img>"})
+    folder = vlm.save_pretrained(tmp_path / "model")
+    saved = json.loads((folder / "config.json").read_text())
+    saved["schema_version"] = 1
+    saved["image_tokens"]["layout"] = saved["image_tokens"].pop("token_layout")
+    (folder / "config.json").write_text(json.dumps(saved))
+    loaded = load_vlm(folder)
+    assert loaded.config.image_tokens.token_layout == "smolvlm" and loaded.config.schema_version == 2
+    with pytest.raises(ConfigError, match="unknown ImageTokenConfig field.*layout.*Valid fields: .*token_layout"):
+        loaded.config.image_tokens.replace(layout="nanovlm")
+
+
+def test_save_pretrained_in_an_unknown_layout_names_the_layouts(tmp_path: Path) -> None:
+    vlm = build_vlm("test-vlm", pretrained=False)
+    with pytest.raises(ConfigError, match=r"^layout='onnx': a vlm is saved in 'transformers' \(tinyvlm's own: 'tinyvlm'\)"):
+        vlm.save_pretrained(tmp_path / "x", layout="onnx")
+    with pytest.raises(ConfigError, match=r"^layout='tinyvlm': a decoder is saved in 'transformers'$"):
+        vlm.decoder.save_pretrained(tmp_path / "y", layout="tinyvlm")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -111,7 +111,7 @@ def test_loaded_config_and_bf16(twin, tmp_path: Path) -> None:
     hf = json.loads((folder / "config.json").read_text())
     assert vlm.image_token_id == hf["image_token_id"]
     assert vlm.decoder.config.eos_token_ids == [vlm.tokenizer.token_to_id("<end_of_utterance>")]
-    assert vlm.config.image_tokens.layout == "smolvlm"
+    assert vlm.config.image_tokens.token_layout == "smolvlm"
     half = tinyvlm.load_vlm(f"local-dir:{folder}", dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 

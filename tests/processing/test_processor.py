@@ -12,7 +12,7 @@ from PIL import Image
 from tinyvlm.errors import DataError
 from tinyvlm.processing.image import ImageTransform
 from tinyvlm.processing.processor import IGNORE_INDEX, Processor
-from tinyvlm.vlm.config import ImageTokenConfig
+from tinyvlm.processing.tokens import ImageTokenConfig
 from tinyvlm.tokenizer import load_tokenizer
 
 S = 16  # view size of the test processor

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent / "pretrained"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "formats"))
 
 from twins import write_smolvlm_twin  # noqa: E402
 
@@ -28,7 +28,7 @@ from tinyvlm.tokenizer import load_tokenizer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-SMOLVLM_TOKENS = dict(layout="smolvlm", image_token="<image>", global_image_token="<global-img>")
+SMOLVLM_TOKENS = dict(token_layout="smolvlm", image_token="<image>", global_image_token="<global-img>")
 #: (projector options, image-token options, decoder options) of tiny SigLIP + Llama + pixel-shuffle-linear VLMs.
 TWINS = {
     "split-s2-tied": (dict(factor=2), dict(SMOLVLM_TOKENS, split_images=True, resize_longest_edge=128, max_grid=2), {}),
@@ -72,7 +72,6 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     vlm = tinyvlm.build_vlm("test-siglip", "test-llama", "pixel-shuffle-linear", dtype=torch.float32,
                             projector_kwargs=projector, processor_kwargs=tokens, decoder_kwargs=decoder)
     spread_(vlm, 0)
-    vlm.prepare_for_inference()
     folder = vlm.save_pretrained(tmp_path_factory.mktemp(request.param) / "hf", layout="transformers")
     processor = transformers.AutoProcessor.from_pretrained(folder)
     model = transformers.Idefics3ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
@@ -227,7 +226,7 @@ def test_what_cannot_export_is_a_config_error(tmp_path: Path) -> None:
         "Gemma-3": (dict(decoder="test-gemma3", projector="pixel-shuffle-linear", processor_kwargs=SMOLVLM_TOKENS),
                     "gemma3 decoder is not a Llama"),
         "MLP projector": (dict(processor_kwargs=SMOLVLM_TOKENS), "is not pixel-shuffle-linear"),
-        "nanoVLM layout": (dict(projector="pixel-shuffle-linear"), "nanovlm layout .* Idefics3Processor cannot write"),
+        "nanoVLM layout": (dict(projector="pixel-shuffle-linear"), "nanovlm token layout .* Idefics3Processor cannot write"),
     }
     for what, (options, message) in cases.items():
         options = {"encoder": "test-siglip", "decoder": "test-llama", "projector": "pixel-shuffle-mlp", **options}
@@ -235,8 +234,8 @@ def test_what_cannot_export_is_a_config_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=message):
             save_idefics3(vlm, tmp_path / what)
         assert not (tmp_path / what).exists()
-    with pytest.raises(ConfigError, match="smolvlm layout writes SmolVLM's token strings"):
-        tinyvlm.build_vlm("test-siglip", "test-llama", processor_kwargs=dict(layout="smolvlm"))
+    with pytest.raises(ConfigError, match="smolvlm token layout writes SmolVLM's token strings"):
+        tinyvlm.build_vlm("test-siglip", "test-llama", processor_kwargs=dict(token_layout="smolvlm"))
 
     from tinyvlm.interop.lora import add_lora
     from tinyvlm.interop.lora_settings import LoraSettings

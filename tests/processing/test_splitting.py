@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "formats"))
 
 from twins import hf_processor, write_smolvlm_processor_files  # noqa: E402
 

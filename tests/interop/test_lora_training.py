@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import tinyvlm
-from tinyvlm.demo import make_shapes_dataset
+from tinyvlm.evaluation.shapes import make_shapes_dataset
 from tinyvlm.errors import ConfigError
 from tinyvlm.interop.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_layers
 from tinyvlm.training.config import make_config
@@ -37,7 +37,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         for weight in vlm.decoder.parameters():
             if weight.dim() == 2:
-                weight.normal_(std=0.2)
+                weight.copy_(torch.randn(weight.shape) * 0.2)  # the same values in any weight layout
     return vlm.save_pretrained(tmp_path_factory.mktemp("base") / "model")
 
 

@@ -4,13 +4,19 @@ stop ids."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from decoder_twins import randomize_, rel_err, save_twin
 
-import tinyvlm
-from tinyvlm.errors import ConfigError
-from tinyvlm.generation import filter_logits
+sys.path.insert(0, str(Path(__file__).parent / "decoders"))
+
+from decoder_twins import randomize_, rel_err, save_twin  # noqa: E402
+
+import tinyvlm  # noqa: E402
+from tinyvlm.errors import ConfigError  # noqa: E402
+from tinyvlm.generation import filter_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["test-llama", "test-gemma3"])
@@ -330,72 +336,8 @@ def test_rms_norm_is_the_references_bit_for_bit(family, dtype):
         assert a.dtype == b.dtype == dtype and torch.equal(a, b)
 
 
-def test_decoding_layout_keeps_names_values_and_training(decoder):
-    import copy
-
-    model = copy.deepcopy(decoder)
-    model.embed_tokens.weight.data = model.embed_tokens.weight.data.contiguous()
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    ids = ids_of(1, 12)
-    with torch.no_grad():
-        logits = model(ids).logits
-    model.prepare_for_inference()
-    state = model.state_dict()
-    assert state.keys() == before.keys()
-    assert all(torch.equal(state[name], value) for name, value in before.items())
-    attention = model.layers[0].self_attn
-    q, k = attention.q_proj.weight, attention.k_proj.weight
-    assert model.embed_tokens.weight.stride(0) == 1 and q.stride(0) == 1  # wide: column-major
-    assert model.layers[0].mlp.down_proj.weight.stride(1) == 1  # narrow: row-major
-    (qkv, sizes), = attention.fused.groups  # q, k, v: one wide matrix; the parts are views of its rows
-    assert sizes == [q.shape[0], k.shape[0], attention.v_proj.weight.shape[0]] and qkv.weight.stride(0) == 1
-    assert k.data_ptr() == qkv.weight[q.shape[0]].data_ptr()
-    with torch.no_grad():
-        assert rel_err(model(ids).logits, logits) <= 1e-6
-    model(ids).logits.logsumexp(-1).mean().backward()
-    assert q.grad is not None and q.grad.shape == q.shape and q.grad.abs().sum() > 0
-    low = model.to(torch.bfloat16)
-    low.prepare_for_inference()
-    assert low.embed_tokens.weight.stride(1) == 1  # bf16: row-major
-
-
-def test_fused_projections_decode_as_the_parts(decoder):
-    """q/k/v and gate/up fused by prepare_for_inference give the logits of the separate products (within
-    float rounding) and the same greedy tokens; a replaced part, a move or autograd takes the parts."""
-    import copy
-
-    model = copy.deepcopy(decoder)
-    ids = ids_of(1, 12)
-    with torch.no_grad():
-        separate = model(ids).logits
-        tokens = model.generate(ids, max_new_tokens=12, eos_token_id=[])
-        model.prepare_for_inference()
-        mlp = model.layers[0].mlp
-        assert [sizes for _, sizes in mlp.fused.groups] == [[mlp.gate_proj.out_features, mlp.up_proj.out_features]]
-        assert rel_err(model(ids).logits, separate) <= 1e-6
-        assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=[]), tokens)
-
-        calls = []
-        mlp.up_proj.register_forward_hook(lambda *_: calls.append(1))
-        model(ids)
-        assert calls == []  # fused: the part itself is not called
-        for layer in model.layers:  # replaced (as a wrapper would), here by a hooked copy
-            replacement = copy.deepcopy(layer.mlp.up_proj)
-            replacement.weight.data = replacement.weight.data.clone()
-            layer.mlp.up_proj = replacement
-        assert rel_err(model(ids).logits, separate) <= 1e-6 and len(calls) == 1
-        assert not mlp.fused.current(mlp)
-
-        moved = model.to(torch.float64)  # new storage for every part: the fusions no longer apply
-        assert not moved.layers[0].self_attn.fused.current(moved.layers[0].self_attn)
-        assert rel_err(moved(ids.clone()).logits.float(), separate) <= 1e-6
-    moved.prepare_for_inference()  # fuses again, except the hooked up_proj, which keeps its own product
-    assert moved.layers[0].self_attn.fused.current(moved.layers[0].self_attn)
-    assert moved.layers[0].mlp.fused is None and moved.layers[1].mlp.fused is not None
-
-
 def test_generate_never_changes_the_weights(decoder):
-    """The decoding layout is the explicit prepare_for_inference step: generating (as training's evaluation
+    """The decoding layouts are the explicit prepare_for_inference step: generating (as training's evaluation
     does) leaves every parameter's storage, strides and values as they were."""
     import copy
 
@@ -408,51 +350,3 @@ def test_generate_never_changes_the_weights(decoder):
     for name, p in model.named_parameters():
         pointer, stride, value = before[name]
         assert (p.data_ptr(), p.stride()) == (pointer, stride) and torch.equal(p, value), name
-
-
-@pytest.fixture
-def threads():
-    """Set the intra-op thread count for one test, then restore it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("parts", [2, 3])
-@pytest.mark.parametrize("column_major", [False, True])
-def test_split_linear_is_bit_identical(threads, parts, column_major):
-    from tinyvlm.layers import SPLIT_MIN_NUMEL, split_linear
-
-    threads(parts)
-    torch.manual_seed(0)
-    weight = torch.randn(6 * 512, SPLIT_MIN_NUMEL // (6 * 512) + 7)
-    if column_major:
-        weight = weight.t().contiguous().t()
-    for x in (torch.randn(1, weight.shape[1]), torch.randn(1, 1, weight.shape[1])):
-        expected = torch.nn.functional.linear(x, weight)
-        assert split_linear(x, weight).shape == expected.shape
-        assert torch.equal(split_linear(x, weight), expected)
-
-
-def test_split_decoding_equals_one_thread(decoder, threads, monkeypatch):
-    """Every product of a decoding step split over threads (the tiny twin's matrices are below the size
-    where that pays, so the threshold is lowered): logits bit-identical to one thread, same greedy tokens."""
-    import tinyvlm.layers
-
-    ids = ids_of(1, 20)
-    decoder.prepare_for_inference()  # as build_decoder does (the layout picks the kernel)
-
-    def decode() -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            cache = decoder.new_cache(1, 21)
-            decoder(ids[:, :-1], cache=cache)
-            step = decoder(ids[:, -1:], cache=cache).logits
-        return step, decoder.generate(ids, max_new_tokens=12, eos_token_id=[])
-
-    threads(1)
-    step, tokens = decode()
-    monkeypatch.setattr(tinyvlm.layers, "SPLIT_MIN_NUMEL", 0)
-    threads(2)
-    split_step, split_tokens = decode()
-    assert torch.equal(split_step, step)
-    assert torch.equal(split_tokens, tokens)

@@ -27,6 +27,7 @@ from tinyvlm.interop.lora import (
     save_adapter,
 )
 from tinyvlm.interop.lora_settings import LoraSettings
+from tinyvlm.vlm.model import assemble
 
 peft = pytest.importorskip("peft")
 
@@ -89,7 +90,7 @@ def test_lora_trains_fewer_parameters_on_nanovlm_222m_shapes() -> None:
     every decoder linear of the blocks: trainable = r (in + out) per adapted layer + the projector."""
     config = tinyvlm.get_spec("nanovlm-222m").config
     with torch.device("meta"):
-        vlm = tinyvlm.VLM.from_config(config)
+        vlm = assemble(config)
     settings = LoraSettings(rank=8)
     add_lora(vlm, settings)
     layers = lora_layers(vlm)
@@ -249,7 +250,7 @@ def test_merged_model_equals_base_plus_delta(base: Path, tmp_path: Path, rslora:
     save_adapter(ours, tmp_path / "adapter")
 
     merged = merge_adapter(ours)
-    assert not lora_layers(merged) and type(merged.decoder.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert not lora_layers(merged) and isinstance(merged.decoder.layers[1].mlp.down_proj, torch.nn.Linear)
     torch.testing.assert_close(merged.decoder.layers[1].mlp.down_proj.weight, expected_weight, rtol=0, atol=1e-6)
     merged_logits = logits(merged, batch)
     assert ((merged_logits - unmerged).abs().max() / unmerged.abs().max()).item() <= 1e-5
