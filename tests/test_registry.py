@@ -39,11 +39,29 @@ def test_entry_contract(spec):
     if spec.hub_repo is not None:
         assert re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec.hub_repo), spec.hub_repo
         assert family.key_map is not None, "an entry with weights needs a family that can read them"
-    else:
-        assert spec.revision is None and not spec.gated  # nothing to download, so nothing to pin or gate
+    else:  # nothing of its own to download: nothing to pin, and gated only through a recipe's parts
+        assert spec.revision is None and (not spec.gated or spec.kind == "vlm")
     if spec.revision is not None:
         assert re.fullmatch(r"[0-9a-f]{40}", spec.revision), "pin revisions to full commit hashes"
     assert get_spec(spec.key) == spec
+
+
+@pytest.mark.parametrize("spec", list_models(kind="vlm"), ids=lambda spec: spec.key)
+def test_vlm_is_gated_when_a_part_it_downloads_is(spec):
+    """A recipe downloads its encoder and decoder: `list-models` calls it gated when either is (DINOv3 +
+    Gemma-3: both). A trained VLM downloads its own repo only."""
+    keys = {s.key for s in SPECS}
+    config = spec.config
+    parts = [] if spec.trained else [get_spec(name) for name in (config.encoder, config.decoder) if name in keys]
+    assert spec.gated == any(part.gated for part in parts) or (spec.trained and spec.gated)
+    if spec.key == "dinov3-gemma3-270m":
+        assert spec.gated and all(part.gated for part in parts)
+
+
+def test_list_models_shows_a_gated_recipe_as_gated():
+    out = subprocess.run([sys.executable, "-m", "tinyvlm.cli", "list-models", "dinov3-gemma3-270m", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)[0]["gated"] is True
 
 
 def test_index_is_fresh():

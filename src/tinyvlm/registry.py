@@ -331,11 +331,19 @@ def _spec_of(entry: _Entry, indexed: ModelSpec | None) -> ModelSpec:
         params=params,
         dim=dim,
         license=entry.license,
-        gated=entry.gated,
+        gated=entry.gated or _parts_gated(entry),
         description=entry.description,
         trained=entry.trained,
         config_json=config_json,
     )
+
+
+def _parts_gated(entry: _Entry) -> bool:
+    """A VLM recipe downloads its encoder and decoder, so it is gated when either zoo part is."""
+    if _FAMILIES[entry.family].kind != "vlm" or entry.trained:
+        return False
+    parts = (entry.config.encoder, entry.config.decoder)  # type: ignore[attr-defined]  # a VLMConfig
+    return any(_ENTRIES[name].gated for name in parts if name in _ENTRIES)
 
 
 def measure(family: Family, config: "Config") -> tuple[int | None, int | None]:
