@@ -134,3 +134,12 @@ def test_demo_thread_count_is_fixed_and_checked(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert "threads must be an integer >= 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("steps", ["-5", "0"])
+def test_bad_steps_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], steps: str) -> None:
+    assert main(["demo", "--steps", steps, "--output", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert f"steps must be an integer >= 1 (the demo's default: leave it out); got {steps}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()  # nothing drawn

@@ -102,7 +102,10 @@ def run_demo(
     ``threads`` is fixed (not tuned per step as ``train`` does by default): another count sums the products in
     another order, which after the demo's steps is another model, and the demo's figure is published."""
 
-    check_threads(threads)  # before any work
+    check_threads(threads)  # every option is checked before any work
+    for option, value in (("steps", steps), ("images", images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{option} must be an integer >= 1 (the demo's default: leave it out); got {value!r}")
     folder = Path(output)
     settings = {"images": images, "steps": steps or STEPS, "seed": seed}
     marker = folder / SETTINGS
