@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from tinyvlm import __version__
@@ -542,15 +543,19 @@ def add_merge_parser(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("output", metavar="DIR", help="where the merged model goes")
     merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="dtype of the merge and of the saved weights (default: float32)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a model already saved in DIR (files "
+                       "added to it included; a folder holding anything else is never replaced)")
     merge.set_defaults(handler=cmd_merge)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from tinyvlm.api import load_vlm
     from tinyvlm.interop.lora import merge_adapter
+    from tinyvlm.vlm.files import check_target
 
+    check_target(Path(args.output), overwrite=args.overwrite)  # before the model is loaded
     vlm = load_vlm(args.base, adapter=args.adapter, dtype=args.dtype)
-    folder = merge_adapter(vlm).save_pretrained(args.output)
+    folder = merge_adapter(vlm).save_pretrained(args.output, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {args.base}: {folder} (load it with tinyvlm.load_vlm({str(folder)!r}))")
     return 0
 
@@ -564,13 +569,17 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("name", metavar="NAME", help="a saved or trained VLM, a VLM recipe, or a decoder")
     export.add_argument("output", metavar="DIR", help="the folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace a model already saved in DIR (files "
+                        "added to it included; a folder holding anything else is never replaced)")
     export.set_defaults(handler=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tinyvlm.api import build_decoder, build_vlm, load_vlm
     from tinyvlm.tokenizer import Tokenizer
+    from tinyvlm.vlm.files import check_target
 
+    check_target(Path(args.output), overwrite=args.overwrite)  # before the model is read
     source = resolve(args.name)  # once: a VLM (saved, trained, or a recipe) or a decoder
     if source.spec is not None:
         kind = source.spec.kind
@@ -578,10 +587,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         kind = family_for_config(source.config_json(), where=source.name).kind
     if kind == "vlm":
         vlm = load_vlm(source) if source.has_files else build_vlm(source)
-        folder = vlm.save_pretrained(args.output, layout="transformers")
+        folder = vlm.save_pretrained(args.output, layout="transformers", overwrite=args.overwrite)
     elif kind == "decoder":
         tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
-        folder = build_decoder(source).save_pretrained(args.output, layout="transformers", tokenizer=tokenizer)
+        folder = build_decoder(source).save_pretrained(args.output, layout="transformers", tokenizer=tokenizer,
+                                                        overwrite=args.overwrite)
     else:
         raise ConfigError(f"{args.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}: export writes VLMs "
                           "(Idefics3) and decoders (LlamaForCausalLM / Gemma3ForCausalLM)")

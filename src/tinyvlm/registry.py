@@ -132,7 +132,8 @@ def register_family(family: Family) -> Family:
 
 def register_writer(layout: str, kind: Kind, write: Callable[..., Path]) -> None:
     """Make ``save_pretrained(folder, layout=layout)`` of a ``kind`` model call ``write(model, folder, ...)``
-    (a VLM's writer takes ``(vlm, folder)``, a decoder's ``(decoder, folder, tokenizer=)``). `tinyvlm.interop`
+    (a VLM's writer takes ``(vlm, folder, overwrite=)``, a decoder's ``(decoder, folder, tokenizer=, overwrite=)``;
+    ``overwrite`` as `tinyvlm.vlm.files.check_target` says). `tinyvlm.interop`
     registers the layouts of other projects (transformers', ...); the model layers cannot import it, since it
     imports them."""
     if (layout, kind) in _WRITERS:

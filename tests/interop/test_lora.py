@@ -227,12 +227,14 @@ def test_adapter_round_trip_is_bit_identical(base: Path, tmp_path: Path) -> None
         ours.generate("What colour?", [Image.new("RGB", (64, 64))], max_new_tokens=5)
     assert not any(p.requires_grad for p in loaded.parameters())
     assert tinyvlm.VLM.from_pretrained(base, adapter=tmp_path / "adapter") is not None
-    # saving again replaces the adapter folder atomically, and only an adapter folder
-    save_adapter(loaded, tmp_path / "adapter")
+    # saving again replaces the adapter folder atomically, only when asked, and only an adapter folder
+    with pytest.raises(ConfigError, match="already holds a saved model: pass overwrite=True"):
+        save_adapter(loaded, tmp_path / "adapter")
+    save_adapter(loaded, tmp_path / "adapter", overwrite=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not an adapter folder"):
-        save_adapter(loaded, tmp_path / "other")
+    with pytest.raises(ConfigError, match="holds no adapter_config.json, so it is not a saved model"):
+        save_adapter(loaded, tmp_path / "other", overwrite=True)
     with pytest.raises(ConfigError, match="LoRA adapter: save the adapter alone"):
         loaded.save_pretrained(tmp_path / "full")
 
@@ -262,6 +264,28 @@ def test_merged_model_equals_base_plus_delta(base: Path, tmp_path: Path, rslora:
     from_cli = tinyvlm.load_vlm(tmp_path / "merged")
     assert ((logits(from_cli, batch) - unmerged).abs().max() / unmerged.abs().max()).item() <= 1e-5
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "tinyvlm"
+
+
+def test_merge_replaces_a_saved_model_only_when_asked(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tinyvlm.cli import main
+
+    ours = tinyvlm.load_vlm(base)
+    add_lora(ours, LoraSettings(rank=2))
+    save_adapter(ours, tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    assert main(["merge", str(base), str(tmp_path / "adapter"), str(merged)]) == 0
+    (merged / "notes.txt").write_text("mine")
+    stamp = (merged / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["merge", str(base), str(tmp_path / "adapter"), str(merged)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a saved model: pass overwrite=True (--overwrite" in err
+    assert (merged / "notes.txt").is_file() and (merged / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(["merge", str(base), str(tmp_path / "adapter"), str(merged), "--overwrite"]) == 0
+    assert not (merged / "notes.txt").exists() and (merged / "model.safetensors").stat().st_mtime_ns != stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    with pytest.raises(ConfigError, match="already holds a saved model"):
+        merge_adapter(tinyvlm.load_vlm(base, adapter=tmp_path / "adapter")).save_pretrained(merged)
 
 
 # -------------------------------------------------------------------------------------------- errors

@@ -215,8 +215,35 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "is an encoder: export writes VLMs" in capsys.readouterr().err
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    assert main(["export", "test-llama", str(tmp_path / "notes")]) == 1
-    assert "not a model folder" in capsys.readouterr().err and (tmp_path / "notes" / "keep.txt").is_file()
+    assert main(["export", "test-llama", str(tmp_path / "notes"), "--overwrite"]) == 1
+    assert "not a saved model" in capsys.readouterr().err and (tmp_path / "notes" / "keep.txt").is_file()
+
+
+def test_export_replaces_a_saved_model_only_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "llama"
+    assert main(["export", "test-llama", str(folder)]) == 0
+    (folder / "notes.txt").write_text("mine")
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["export", "test-llama", str(folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a saved model: pass overwrite=True (--overwrite" in err
+    assert (folder / "notes.txt").is_file() and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(["export", "test-llama", str(folder), "--overwrite"]) == 0
+    assert not (folder / "notes.txt").exists() and (folder / "model.safetensors").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # written through a staging folder, renamed
+
+    vlm = tinyvlm.build_vlm("test-siglip", "test-llama", "pixel-shuffle-linear", projector_kwargs=dict(factor=2),
+                            processor_kwargs=SMOLVLM_TOKENS)
+    for layout in ("tinyvlm", "transformers"):
+        saved = vlm.save_pretrained(tmp_path / layout, layout=layout)
+        with pytest.raises(ConfigError, match="already holds a saved model: pass overwrite=True"):
+            vlm.save_pretrained(saved, layout=layout)
+        assert vlm.save_pretrained(saved, layout=layout, overwrite=True) == saved
+    decoder = tinyvlm.build_decoder("test-llama")
+    with pytest.raises(ConfigError, match="already holds a saved model"):
+        decoder.save_pretrained(folder)
+    decoder.save_pretrained(folder, overwrite=True)
 
 
 def test_what_cannot_export_is_a_config_error(tmp_path: Path) -> None:

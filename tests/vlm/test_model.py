@@ -274,19 +274,24 @@ def test_load_from_a_hub_repo(hub, tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(**batch).logits, vlm(**batch).logits, rtol=0, atol=0)
 
 
-def test_save_replaces_a_model_folder_atomically_and_refuses_other_folders(tmp_path: Path) -> None:
+def test_save_replaces_a_model_folder_only_when_asked_and_never_other_folders(tmp_path: Path) -> None:
     vlm = make_vlm()
     target = tmp_path / "out"
     vlm.save_pretrained(target)
-    (target / "stale.txt").write_text("old")
-    vlm.save_pretrained(target)
-    assert not (target / "stale.txt").exists()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds a saved model: pass overwrite=True"):
+        vlm.save_pretrained(target)
+    assert (target / "notes.txt").read_text() == "mine"
+    vlm.save_pretrained(target, overwrite=True)
+    assert not (target / "notes.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
+    (tmp_path / "empty").mkdir()
+    vlm.save_pretrained(tmp_path / "empty")  # an existing empty folder is free
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not a tinyvlm model folder"):
-        vlm.save_pretrained(precious)
+    with pytest.raises(ConfigError, match="holds no config.json, so it is not a saved model"):
+        vlm.save_pretrained(precious, overwrite=True)
     assert (precious / "notes.txt").read_text() == "keep me"
 
 

@@ -307,11 +307,13 @@ class TransformerDecoder(Decoder):
             cache.advance(T)
         return self.norm(h)
 
-    def save_pretrained(self, folder: str | Path, layout: str = "transformers", tokenizer: Any = None) -> Path:
+    def save_pretrained(self, folder: str | Path, layout: str = "transformers", tokenizer: Any = None, *,
+                        overwrite: bool = False) -> Path:
         """Write the decoder in a file ``layout`` (`tinyvlm.registry.get_writer`): ``"transformers"``, a
         transformers causal-LM folder (its family's ``LlamaForCausalLM`` / ``Gemma3ForCausalLM``, with the
-        ``tokenizer`` when given), atomically. tinyvlm reads decoders in that layout."""
-        return get_writer(layout, "decoder")(self, Path(folder), tokenizer=tokenizer)
+        ``tokenizer`` when given), atomically. tinyvlm reads decoders in that layout. ``overwrite`` replaces a
+        saved model in ``folder``."""
+        return get_writer(layout, "decoder")(self, Path(folder), tokenizer=tokenizer, overwrite=overwrite)
 
     @torch.no_grad()
     def resize_vocab(self, new_size: int) -> None:

@@ -40,7 +40,7 @@ from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.interop.lora_settings import LoraSettings, target_pattern
 from tinyvlm.registry import get_spec
 from tinyvlm.sources import Source, resolve
-from tinyvlm.vlm.files import swap_into_place
+from tinyvlm.vlm.files import check_target, swap_into_place
 from tinyvlm.vlm.model import VLM
 from tinyvlm.weights import open_safetensors
 
@@ -232,13 +232,13 @@ def write_adapter_files(vlm: nn.Module, folder: Path) -> None:
                                                            "parent_library": cls.__module__})
 
 
-def save_adapter(vlm: nn.Module, folder: str | Path) -> Path:
+def save_adapter(vlm: nn.Module, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``, atomically (a
-    temporary folder next to it, renamed into place once complete)."""
+    temporary folder next to it, renamed into place once complete); ``overwrite`` replaces an adapter saved
+    there (`tinyvlm.vlm.files.check_target`)."""
     folder = Path(folder)
     adapter_config(vlm)  # the error when there is none, before touching the disk
-    if folder.exists() and any(folder.iterdir()) and not (folder / ADAPTER_CONFIG).is_file():
-        raise ConfigError(f"{folder} exists and is not an adapter folder; refusing to replace it")
+    check_target(folder, overwrite=overwrite, holds=ADAPTER_CONFIG)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
     try:

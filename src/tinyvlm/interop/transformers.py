@@ -51,7 +51,7 @@ from tinyvlm.decoders.base import hf_token_value
 from tinyvlm.errors import ConfigError
 from tinyvlm.interop.lora import has_adapter, quantized_linear_types
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm.files import swap_into_place, unique_tensors
+from tinyvlm.vlm.files import check_target, swap_into_place, unique_tensors
 from tinyvlm.vlm.model import VLM
 
 #: transformers' causal-LM class of each decoder family.
@@ -145,8 +145,9 @@ def padded_rows(tensor: Tensor, rows: int) -> Tensor:
     return torch.cat((tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])))
 
 
-def save_idefics3(vlm: VLM, folder: str | Path) -> Path:
-    """Write ``vlm`` as a transformers Idefics3 folder (see the module docstring), atomically."""
+def save_idefics3(vlm: VLM, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``vlm`` as a transformers Idefics3 folder (see the module docstring), atomically; ``overwrite``
+    replaces a saved model in ``folder`` (`tinyvlm.vlm.files.check_target`)."""
     problems = idefics3_problems(vlm)
     if problems:
         raise ConfigError("cannot export this VLM to the transformers (Idefics3) layout: " + "; ".join(problems))
@@ -207,7 +208,7 @@ def save_idefics3(vlm: VLM, folder: str | Path) -> Path:
     files = {"config.json": config, "preprocessor_config.json": preprocessor, "processor_config.json": processor,
              "generation_config.json": generation}
     template = tokenizer.chat_template and processor_chat_template(tokenizer.chat_template)
-    return _write(Path(folder), tensors, files, tokenizer, template)
+    return _write(Path(folder), tensors, files, tokenizer, template, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- decoders
@@ -222,10 +223,12 @@ def generation_config(config: Any, *, suppress: Sequence[int] = ()) -> dict[str,
     return generation
 
 
-def save_hf_decoder(decoder: nn.Module, folder: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+def save_hf_decoder(decoder: nn.Module, folder: str | Path, tokenizer: Tokenizer | None = None, *,
+                    overwrite: bool = False) -> Path:
     """Write a decoder as a transformers ``LlamaForCausalLM`` / ``Gemma3ForCausalLM`` folder (``config.json``,
     ``model.safetensors`` with ``model.``-prefixed names and ``lm_head.weight`` when untied,
-    ``generation_config.json``, and the tokenizer with ``chat_template.jinja`` when given), atomically."""
+    ``generation_config.json``, and the tokenizer with ``chat_template.jinja`` when given), atomically;
+    ``overwrite`` replaces a saved model in ``folder``."""
     problems = weight_problems(decoder)
     if problems:
         raise ConfigError("cannot export this decoder to the transformers layout: " + "; ".join(problems))
@@ -236,17 +239,17 @@ def save_hf_decoder(decoder: nn.Module, folder: str | Path, tokenizer: Tokenizer
     config = {"architectures": [DECODER_ARCHITECTURES[family]], **decoder.config.to_hf(),
               "dtype": str(decoder.embed_tokens.weight.dtype).removeprefix("torch."), "use_cache": True}
     files = {"config.json": config, "generation_config.json": generation_config(decoder.config)}
-    return _write(Path(folder), tensors, files, tokenizer, tokenizer.chat_template if tokenizer else None)
+    return _write(Path(folder), tensors, files, tokenizer, tokenizer.chat_template if tokenizer else None,
+                  overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------------ writing
 
 
 def _write(folder: Path, tensors: dict[str, Tensor], files: dict[str, Any], tokenizer: Tokenizer | None,
-           chat_template: str | None) -> Path:
+           chat_template: str | None, *, overwrite: bool) -> Path:
     """The folder, written to a temporary folder next to it and renamed into place once complete."""
-    if folder.exists() and any(folder.iterdir()) and not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder} exists and is not a model folder; refusing to replace it")
+    check_target(folder, overwrite=overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.exporting-"))
     try:

@@ -426,7 +426,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
 
         adapter_dir = output / ADAPTER
         if processes.main:
-            save_adapter(vlm, adapter_dir)
+            save_adapter(vlm, adapter_dir, overwrite=True)  # the run's own folder
             progress.result(f"saved the LoRA adapter to {adapter_dir} (load it with "
                              f"tinyvlm.load_vlm({config.model.name!r}, adapter='{adapter_dir}'))")
         processes.barrier()
@@ -435,7 +435,7 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
     model_dir = output / FINAL
     model_tensors = strategy.model_state(vlm)
     if processes.main:
-        save_vlm(vlm, model_dir, tensors=model_tensors)
+        save_vlm(vlm, model_dir, tensors=model_tensors, overwrite=True)  # the run's own folder
         progress.result(f"saved the model to {model_dir} (load it with tinyvlm.load_vlm('local-dir:{model_dir}'))")
     processes.barrier()
     return TrainResult(model_dir=model_dir, steps=max_steps, final_loss=loss, metrics=last_eval, skipped=counts)

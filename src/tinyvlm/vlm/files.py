@@ -1,12 +1,13 @@
 """A VLM's files: atomic ``save_pretrained``, ``push_to_hub`` and the model card.
 
-A save is written to a temporary folder next to the target, then renamed into place; an existing model
-folder is replaced only once the new one is complete, so an interrupted save never loses the old model.
+A save is written to a temporary folder next to the target, then renamed into place, so an interrupted save
+never leaves half a model. A save goes to a folder that does not exist or is empty; it replaces a folder that
+already holds a saved model only when asked (``overwrite=True``, ``--overwrite``), and never one that holds
+something else (`check_target`, called before any work).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,23 +19,23 @@ from torch import Tensor, nn
 from tinyvlm.errors import ConfigError, TinyVLMError
 from tinyvlm.hub import HF_HUB, LOCAL_DIR, push_folder
 from tinyvlm.registry import get_spec
-from tinyvlm.vlm.config import MODEL_TYPE, PartRecord, VLMConfig
+from tinyvlm.vlm.config import PartRecord, VLMConfig
 
 if TYPE_CHECKING:
     from tinyvlm.vlm.model import VLM
 
 
-def save_vlm(vlm: "VLM", folder: Path, *, tensors: dict[str, Tensor] | None = None) -> Path:
+def save_vlm(vlm: "VLM", folder: Path, *, tensors: dict[str, Tensor] | None = None, overwrite: bool = False) -> Path:
     """``config.json``, ``model.safetensors`` (each tied tensor once) and the tokenizer files, atomically.
     ``tensors``: the weights to write when ``vlm`` holds only shards of them (a run sharded with FSDP passes
-    the full state it gathered); by default the VLM's own."""
+    the full state it gathered); by default the VLM's own. ``overwrite``: replace a saved model in ``folder``
+    (`check_target`)."""
     if vlm.tokenizer is None:
         raise ConfigError("this VLM has no tokenizer to save; build it with build_vlm or load_vlm")
     if getattr(vlm, "peft_config", None):  # what peft leaves on a module it put adapters into (tinyvlm.interop.lora)
         raise ConfigError("this VLM carries a LoRA adapter: save the adapter alone (tinyvlm.interop.lora.save_adapter) "
                           "or merge it into the weights first (tinyvlm.interop.lora.merge_adapter, tinyvlm merge)")
-    if folder.exists() and any(folder.iterdir()) and not is_model_folder(folder):
-        raise ConfigError(f"{folder} exists and is not a tinyvlm model folder; refusing to replace it")
+    check_target(folder, overwrite=overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
     try:
@@ -57,11 +58,20 @@ def push_vlm(vlm: "VLM", repo_id: str, *, private: bool, token: str | None, comm
         return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
 
-def is_model_folder(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
+def check_target(folder: Path, *, overwrite: bool, holds: str = "config.json") -> None:
+    """Refuse to save into ``folder`` unless it is new or empty, or ``overwrite`` is given and it holds what a
+    save writes (``holds``: ``config.json`` for models, ``adapter_config.json`` for adapters), which the save
+    then replaces as a whole. A folder holding anything else is never replaced. One-line `ConfigError`s."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file: choose a folder to save into")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not (folder / holds).is_file():
+        raise ConfigError(f"{folder} is not empty and holds no {holds}, so it is not a saved model: choose another "
+                          "folder (tinyvlm replaces only a folder it wrote, and only when asked)")
+    if not overwrite:
+        raise ConfigError(f"{folder} already holds a saved model: pass overwrite=True (--overwrite on the command "
+                          "line) to replace it, files added to it included, or choose another folder")
 
 
 def unique_tensors(module: nn.Module) -> dict[str, Tensor]:

@@ -231,15 +231,16 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ saving
 
-    def save_pretrained(self, folder: str | Path, layout: str = "tinyvlm") -> Path:
+    def save_pretrained(self, folder: str | Path, layout: str = "tinyvlm", *, overwrite: bool = False) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``folder``, atomically
         (a temporary folder next to it, renamed into place once complete). Another file ``layout`` is written
         by its registered writer (`tinyvlm.registry.get_writer`): ``"transformers"``, transformers' Idefics3
         layout (`tinyvlm.interop.transformers.save_idefics3`: SigLIP + Llama + pixel-shuffle-linear VLMs with
-        the smolvlm token layout)."""
+        the smolvlm token layout). ``folder`` must be new or empty; with ``overwrite`` a saved model there is
+        replaced (`tinyvlm.vlm.files.check_target`)."""
         if layout == "tinyvlm":
-            return files.save_vlm(self, Path(folder))
-        return get_writer(layout, "vlm")(self, Path(folder))
+            return files.save_vlm(self, Path(folder), overwrite=overwrite)
+        return get_writer(layout, "vlm")(self, Path(folder), overwrite=overwrite)
 
     def push_to_hub(
         self, repo_id: str, *, private: bool = False, token: str | None = None, commit_message: str = "Upload tinyvlm model"
