@@ -137,3 +137,59 @@ def test_tokenizer_only_repo_is_pinned_by_its_tokenizer(hub, tmp_path: Path) -> 
     source = tokenizer_source("tiny-org/tokenizer")
     assert source.tokenizer_folder().name == commit == source.commit
     assert not any(path.endswith("/config.json") for _, path in hub.requests)  # no config.json in such a repo
+
+
+# ------------------------------------------------------------------------------------------- run folders
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A finished training run of test-vlm, a LoRA run on its model, and a training image."""
+    from tinyvlm.demo import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("runs")
+    data = make_shapes_dataset(root / "data", count=12, seed=0)
+    short = dict(data=data, max_steps=2, batch_size=2, grad_accum=1, progress=False, eval_samples=0,
+                 checkpoint_every=0, device="cpu")
+    tinyvlm.train(model="test-vlm", output=root / "full", **short)
+    tinyvlm.train(model=str(root / "full"), output=root / "lora", lora=2, train="projector", **short)
+    return root / "full", root / "lora", data.parent / "images" / "00000.png"
+
+
+def test_a_run_folder_names_its_final_model(runs, capsys: pytest.CaptureFixture) -> None:
+    from tinyvlm.cli import main
+
+    run, _, image = runs
+    for name in (str(run), f"local-dir:{run}"):
+        assert resolve(name).local_dir == run / "model"
+    batch = tinyvlm.load_vlm(run / "model").processor("What colour is the shape?", [image])
+    with torch.no_grad():
+        assert torch.equal(tinyvlm.load_vlm(str(run))(**batch).logits, tinyvlm.load_vlm(run / "model")(**batch).logits)
+    answers = []
+    for name in (str(run), str(run / "model")):
+        capsys.readouterr()
+        assert main(["generate", "--model", name, "--image", str(image), "--prompt", "What colour?",
+                     "--max-new-tokens", "3"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]
+
+
+def test_a_lora_run_folder_names_its_adapter(runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tinyvlm.cli import main
+
+    run, lora, image = runs
+    by_run = tinyvlm.load_vlm(str(run), adapter=lora)
+    by_folder = tinyvlm.load_vlm(run / "model", adapter=lora / "adapter")
+    batch = by_folder.processor("What colour is the shape?", [image])
+    with torch.no_grad():
+        assert torch.equal(by_run(**batch).logits, by_folder(**batch).logits)
+    assert main(["merge", str(run), str(lora), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    with pytest.raises(HubError, match=r"is a LoRA run: its adapter \(.*adapter\) goes on the base it was trained on"):
+        resolve(str(lora))
+
+
+def test_an_unfinished_run_folder_says_so(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(HubError, match="has not saved its final model .* yet"):
+        resolve(str(tmp_path))

@@ -51,7 +51,7 @@ from tinyvlm.interop.lora import load_adapter, read_adapter_config
 from tinyvlm.interop.transformers import save_hf_decoder, save_idefics3
 from tinyvlm.processing.tokens import ImageTokenConfig
 from tinyvlm.registry import Family, Kind, family_for_config, get_family, get_spec, load_families, register_writer
-from tinyvlm.sources import Source, resolve
+from tinyvlm.sources import Source, adapter_folder, resolve
 from tinyvlm.tokenizer import Tokenizer
 from tinyvlm.vlm.config import BuiltParts, VLMConfig
 from tinyvlm.vlm.model import VLM, fit_projector, projector_base, record
@@ -327,7 +327,8 @@ def _with_adapter(
     quantize: str | None,
 ) -> VLM:
     """The base (a checkpoint, or a recipe built from pretrained parts; quantized as it is read with
-    ``quantize``) with the LoRA ``adapter`` injected and loaded."""
+    ``quantize``) with the LoRA ``adapter`` injected and loaded (a LoRA run's folder means its adapter)."""
+    adapter = adapter_folder(adapter)
     saved = read_adapter_config(adapter).modules_to_save or []
     if source.has_files:
         base = _read_vlm(source, dtype=dtype, device=device, quantize=quantize)

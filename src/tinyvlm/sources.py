@@ -1,8 +1,9 @@
 """Names -> sources: the one place where a model name is parsed and resolved.
 
 A name is a zoo key (``siglip-b16-224``), ``hf-hub:ORG/NAME[@REVISION]``, ``local-dir:PATH`` or a bare path
-to a folder holding a ``config.json`` (``./runs/a/model``). `resolve` turns it into a `Source` without
-touching the network. A Hub source is **pinned on first use**: its anchor file (``config.json``, or
+to a folder holding a ``config.json`` (``./runs/a/model``), or a training run's output folder (``./runs/a``,
+meaning the final model it saved in ``model/``). `resolve` turns it into a `Source` without touching the
+network; `adapter_folder` does the same for LoRA adapters (``./runs/lora`` means ``./runs/lora/adapter``). A Hub source is **pinned on first use**: its anchor file (``config.json``, or
 ``tokenizer.json`` for a tokenizer-only repo) is fetched at the requested revision (the zoo entry's pinned
 commit, the ``@REVISION``, or ``main``), and every later file of that source (weights, tokenizer, generation
 config, processor files) is fetched at the commit it resolved to, which is also what the VLM records as the
@@ -33,6 +34,13 @@ from tinyvlm.registry import Kind, ModelSpec, family_for_config, get_family, get
 
 #: Tokenizers shipped with tinyvlm for the random-init ``test-*`` decoders.
 ASSETS = Path(__file__).with_name("assets")
+#: A training run's output folder (`tinyvlm.training`): its metrics log, which marks the folder as a run, and
+#: what the run saves when it finishes: the model, or the adapter of a LoRA run.
+RUN_METRICS = "metrics.jsonl"
+RUN_MODEL = "model"
+RUN_ADAPTER = "adapter"
+#: The file that makes a folder a LoRA adapter (peft's layout).
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -175,11 +183,38 @@ def tokenizer_source(name: str) -> Source:
 
 
 def _folder_source(name: str, folder: Path) -> Source:
-    if not (folder / "config.json").is_file():
+    """A model folder, or a run folder's final model."""
+    if (folder / "config.json").is_file():
+        return Source(name, local_dir=folder)
+    if is_run_folder(folder):
+        if (folder / RUN_MODEL / "config.json").is_file():
+            return Source(name, local_dir=folder / RUN_MODEL)
+        if (folder / RUN_ADAPTER / ADAPTER_CONFIG).is_file():
+            raise HubError(
+                f"{name!r} is a LoRA run: its adapter ({folder / RUN_ADAPTER}) goes on the base it was trained on, "
+                f"e.g. tinyvlm.load_vlm(BASE, adapter={str(folder)!r}) or tinyvlm merge BASE {folder} DIR"
+            )
         raise HubError(
-            f"{name!r}: {folder} is not a model folder (it needs config.json and *.safetensors, as a Hub repo has)"
+            f"{name!r} is a training run that has not saved its final model ({folder / RUN_MODEL}) yet: let it "
+            "finish, or continue it with tinyvlm train ... --resume"
         )
-    return Source(name, local_dir=folder)
+    raise HubError(
+        f"{name!r}: {folder} is not a model folder (it needs config.json and *.safetensors, as a Hub repo has)"
+    )
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a training run's output (`RUN_METRICS` marks it)."""
+    return (folder / RUN_METRICS).is_file()
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """A LoRA adapter folder as given (``adapter_config.json`` in it), or the adapter a LoRA run saved when
+    ``path`` is that run's output folder."""
+    folder = Path(path).expanduser()
+    if not (folder / ADAPTER_CONFIG).is_file() and is_run_folder(folder) and (folder / RUN_ADAPTER / ADAPTER_CONFIG).is_file():
+        return folder / RUN_ADAPTER
+    return folder
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -39,13 +39,12 @@ from safetensors.torch import save_file
 from tinyvlm.errors import ConfigError, WeightsError
 from tinyvlm.interop.lora_settings import LoraSettings, target_pattern
 from tinyvlm.registry import get_spec
-from tinyvlm.sources import Source, resolve
+from tinyvlm.sources import ADAPTER_CONFIG, Source, resolve
 from tinyvlm.vlm.files import check_target, swap_into_place
 from tinyvlm.vlm.model import VLM
 from tinyvlm.weights import open_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 #: peft's prefix of every saved key: ``PeftModel.base_model`` (the LoraModel) ``.model`` (the VLM).
 PREFIX = "base_model.model."
 #: The adapter name peft uses inside modules (``lora_A.default``); files never contain it.

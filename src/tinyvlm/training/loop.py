@@ -44,7 +44,7 @@ from tinyvlm.errors import ConfigError
 from tinyvlm.inference.prepare import prepare_for_training
 from tinyvlm.inference.threads import StepSize, ThreadTuner, fixed_threads
 from tinyvlm.interop.lora import add_lora, rebuildable_base, save_adapter
-from tinyvlm.sources import resolve
+from tinyvlm.sources import RUN_ADAPTER as ADAPTER, RUN_METRICS as METRICS, RUN_MODEL as FINAL, resolve  # a run's layout
 from tinyvlm.training.checkpoints import (
     CHECKPOINTS, check_extends, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
 )
@@ -57,9 +57,6 @@ from tinyvlm.training.strategies import checkpoint_activations, make_strategy
 from tinyvlm.training.tracking import check_installed, open_trackers
 from tinyvlm.vlm.files import save_vlm
 
-METRICS = "metrics.jsonl"
-FINAL = "model"
-ADAPTER = "adapter"
 
 
 # ------------------------------------------------------------------------------------------------ schedule
