@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_family import TinyConfig, TinyRecipeConfig, write_checkpoint
 
 import tinyvlm
@@ -142,6 +143,44 @@ def test_info_on_a_nanovlm_folder(tmp_path, capsys):
     assert (info["kind"], info["family"]) == ("vlm", "nanovlm")
     assert info["params"] == sum(p.numel() for p in reference.parameters())  # tied head counted once
     assert info["config"]["parts"]["decoder"]["family_name"] == "llama"
+
+
+def test_info_on_a_config_only_idefics3_folder(tmp_path, capsys):
+    """transformers' AutoConfig reads a folder holding only config.json; so does `info` (no tokenizer needed)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300),
+        scale_factor=2, image_token_id=299,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path / "idefics3")
+    assert sorted(p.name for p in (tmp_path / "idefics3").iterdir()) == ["config.json"]
+    info = _info(capsys, f"local-dir:{tmp_path / 'idefics3'}")
+    assert (info["kind"], info["family"]) == ("vlm", "smolvlm")
+    with torch.device("meta"):
+        reference = transformers.Idefics3ForConditionalGeneration(config)
+    assert info["params"] == sum(p.numel() for p in reference.parameters())
+    assert info["dim"] == 48 and info["config"]["parts"]["image_token_id"] == 299
+    assert info["config"]["parts"]["projector"]["config"]["factor"] == 2
+
+
+def test_info_on_a_config_only_nanovlm_folder_stays_offline(hub, tmp_path, capsys):
+    """A nanoVLM config.json names its tokenizer by Hub repo; `info` describes the architecture without it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "pretrained"))
+    from nanovlm_reference import NanoConfig, VisionLanguageModel, config_json
+
+    cfg = NanoConfig(lm_vocab_size=300)
+    (tmp_path / "nanovlm").mkdir()
+    (tmp_path / "nanovlm" / "config.json").write_text(json.dumps(config_json(cfg, "HuggingFaceTB/cosmo2-tokenizer")))
+    info = _info(capsys, f"local-dir:{tmp_path / 'nanovlm'}")
+    assert hub.requests == []
+    assert (info["kind"], info["family"]) == ("vlm", "nanovlm")
+    with torch.device("meta"):
+        reference = VisionLanguageModel(cfg)
+    assert info["params"] == sum(p.numel() for p in reference.parameters())  # tied head counted once
+    assert info["config"]["parts"]["decoder"]["config"]["vocab_size"] == 300
 
 
 def test_info_on_a_saved_folder_without_a_prefix(tmp_path, capsys, monkeypatch):

@@ -186,14 +186,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def describe_checkpoint(source) -> dict[str, object]:
-    """An ``hf-hub:`` / ``local-dir:`` / folder checkpoint as ``info`` shows it: its family and config (as
-    that family reads them: a VLM layout's full `VLMConfig`), parameters and width (measured on the meta
-    device) and where its files are."""
+    """An ``hf-hub:`` / ``local-dir:`` / folder checkpoint as ``info`` shows it: its family and config, read
+    from ``config.json`` alone as transformers' AutoConfig does (a VLM layout's `VLMConfig` of the
+    architecture: no tokenizer, processor files or weights needed), parameters and width (measured on the
+    meta device) and where its files are."""
     from tinyvlm.api import part_config
 
     family = family_for_config(source.config_json(), where=source.name)
-    if family.read is not None:
-        config, _ = family.read(source)
+    if family.read_config is not None:
+        config = family.read_config(source.config_json(), source.name)
     else:
         _, config = part_config(family.kind, source, {})
     params, dim = measure(family, config)

@@ -69,6 +69,9 @@ class Family:
     detect: Callable[[dict[str, Any]], bool] | None = None
     #: VLM layouts: a checkpoint (its `Source`) -> its config (with resolved parts) and its tokenizer.
     read: Callable[["Source"], tuple["Config", Any]] | None = None
+    #: VLM layouts: ``config.json`` alone (and the name, for messages) -> the config of the architecture, as
+    #: transformers' AutoConfig reads it: no tokenizer, no processor files (`tinyvlm info`).
+    read_config: Callable[[dict[str, Any], str], "Config"] | None = None
     #: How a ``config.json`` of this family is recognised, for messages ("model_type 'idefics3'").
     describes: str = ""
 

@@ -55,15 +55,15 @@ def test_logits_pixels_and_greedy_tokens_match_nanovlm(twin) -> None:
     config = json.loads((folder / "config.json").read_text())
     image = _image(40, 70, seed=1)
     per_image = (config["vit_img_size"] // config["vit_patch_size"] // config["mp_pixel_shuffle_factor"]) ** 2
-    if image_token is None:  # v0.1: plain "Question: ... Answer:" text, the image before it
-        prompt = "Question: What colour is the shape? Answer:"
-        text_ids = vlm.tokenizer.encode(prompt, add_special_tokens=False)
+    if image_token is None:  # v0.1: a string prompt is the question, as nanoVLM v0.1's generate.py takes it
+        prompt = "What colour is the shape?"
+        text_ids = nanovlm_v01_ids(folder, f"Question: {prompt} Answer:")
         reference_ids = torch.tensor([text_ids])
     else:  # the image tokens inside nanoVLM's chat template
         prompt = [{"role": "user", "content": "What colour is the shape?"}]
         text = vlm.tokenizer.apply_chat_template([{"role": "user", "content": image_token * per_image + "What colour is the shape?"}])
         reference_ids = torch.tensor([vlm.tokenizer.encode(text, add_special_tokens=False)])
-    batch = vlm.processor(prompt, [image], raw=image_token is None)
+    batch = vlm.processor(prompt, [image])
     pixels = _nanovlm_pixels(image, config["vit_img_size"])
     torch.testing.assert_close(batch["pixel_values"], pixels, rtol=0, atol=1e-6)
     ids = batch["input_ids"]
@@ -83,6 +83,37 @@ def test_logits_pixels_and_greedy_tokens_match_nanovlm(twin) -> None:
         embeds = vlm.embed_inputs(ids, batch["pixel_values"])
         tokens = vlm.decoder.generate(ids, inputs_embeds=embeds, max_new_tokens=8, eos_token_id=[])
     assert tokens[:, ids.shape[1] :].tolist() == ref_new.tolist()
+
+
+def nanovlm_v01_ids(folder: Path, text: str) -> list[int]:
+    """nanoVLM v0.1's tokenization (``generate.py``, ``VQACollator``: ``batch_encode_plus([text])``, which
+    transformers 5 spells ``tokenizer([text])``): the fast tokenizer of ``lm_tokenizer`` on the whole text,
+    special tokens as that tokenizer adds them."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(json.loads((folder / "config.json").read_text())["lm_tokenizer"])
+    return tokenizer([text])["input_ids"][0]
+
+
+def test_v01_string_prompts_and_training_turns_are_nanovlms_text(tmp_path: Path) -> None:
+    """v0.1 was trained on ``Question: {q} Answer:{a}<eos>`` with the image first: a string prompt (the question)
+    and a training conversation become exactly those tokens; ``raw=True`` takes the text as given."""
+    folder = tmp_path / "v01"
+    write_nanovlm_twin(folder)
+    vlm = tinyvlm.load_vlm(f"local-dir:{folder}")
+    image = _image(30, 40, seed=2)
+    per_image = vlm.processor.tokens_per_view
+    ids = vlm.processor("Which shape is it?", [image])["input_ids"][0].tolist()
+    assert ids == [vlm.image_token_id] * per_image + nanovlm_v01_ids(folder, "Question: Which shape is it? Answer:")
+    raw = vlm.processor("Question: Which shape is it? Answer:", [image], raw=True)["input_ids"][0].tolist()
+    assert raw == ids
+    conversation = [{"role": "user", "content": "<image>Which shape is it?"}, {"role": "assistant", "content": "a circle"}]
+    input_ids, labels = vlm.processor.encode_example(conversation, [image])
+    eos = vlm.tokenizer.eos_token
+    assert input_ids[per_image:] == nanovlm_v01_ids(folder, f"Question: Which shape is it? Answer:a circle{eos}")
+    answer = nanovlm_v01_ids(folder, f"a circle{eos}")
+    assert [t for t in labels if t != -100] == answer and labels[-len(answer):] == answer
+    with pytest.raises(ConfigError, match="trained on questions and answers only, not on system turns"):
+        vlm.processor([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
 
 def test_tied_head_stored_once_under_head(twin) -> None:
@@ -154,7 +185,7 @@ def test_tokenizer_named_by_hub_repo_is_fetched_from_the_hub(hub, tmp_path: Path
     paths = {path for _, path in hub.requests}
     assert any(path.startswith("/HuggingFaceTB/cosmo2-tokenizer/resolve/") for path in paths)
     assert local.tokenizer.encode("a red square") == from_hub.tokenizer.encode("a red square")
-    batch = local.processor("Question: what? Answer:", [_image(20, 30, seed=0)])
+    batch = local.processor("What is it?", [_image(20, 30, seed=0)])
     with torch.no_grad():
         torch.testing.assert_close(
             from_hub(batch["input_ids"], batch["pixel_values"]).logits,
@@ -173,7 +204,7 @@ def test_published_zoo_entry_loads_through_the_hub(hub, tmp_path: Path) -> None:
     by_key = tinyvlm.load_vlm("lusxvr-nanovlm-222m")
     local = tinyvlm.load_vlm(f"local-dir:{folder}")
     image = _image(20, 30, seed=0)
-    prompt = "Question: What is it? Answer:"
+    prompt = "What is it?"
     assert by_key.generate(prompt, images=[image], max_new_tokens=4) == local.generate(prompt, images=[image], max_new_tokens=4)
     batch = local.processor(prompt, [image])
     with torch.no_grad():

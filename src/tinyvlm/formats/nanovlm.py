@@ -11,9 +11,11 @@ Two prompt layouts are read, told apart by ``config.json``:
 
 * **v0.1** (``lusxvr/nanoVLM-222M``; no ``vlm_extra_tokens``): the image's ``mp_image_token_length``
   features go *before* the prompt's tokens; the vocabulary has no image token. tinyvlm adds a
-  ``<|image|>`` placeholder to the tokenizer (beyond the embedding matrix: its row is never looked up), so
-  a prompt without an ``<image>`` placeholder gets exactly nanoVLM's layout. nanoVLM v0.1 prompted with
-  ``"Question: {question} Answer:"`` and no chat template; pass prompts in that form, with ``raw=True``.
+  ``<|image|>`` placeholder to the tokenizer (beyond the embedding matrix: its row is never looked up).
+  v0.1 was trained on plain text, ``Question: {question} Answer:{answer}<eos>`` with the image before it
+  (its ``VQADataset``; its ``generate.py`` prompts the same way): `V01_CHAT_TEMPLATE` writes turns so, so a
+  string prompt (the question) and fine-tuning conversations get exactly nanoVLM's tokens. ``raw=True``
+  takes the text as given.
 * **image token** (``vlm_extra_tokens = {"image_token": "<|image|>"}``, mid-2025): ``mp_image_token_length``
   ``<|image|>`` tokens (a row of the extended vocabulary) where the image goes, ``lm_chat_template``.
 
@@ -35,6 +37,7 @@ from tinyvlm.decoders.llama import LlamaConfig
 from tinyvlm.encoders.siglip import SiglipConfig
 from tinyvlm.errors import ConfigError
 from tinyvlm.layers import RopeConfig
+from tinyvlm.processing.processor import IMAGE_PLACEHOLDER
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.sources import Source, tokenizer_source
@@ -46,6 +49,21 @@ from tinyvlm.weights import KeyMap
 
 #: The placeholder tinyvlm uses for v0.1 checkpoints, whose vocabulary has no image token.
 V01_IMAGE_TOKEN = "<|image|>"
+#: nanoVLM v0.1's text format as a chat template: a user turn is ``Question: {text} Answer:`` with its images
+#: before it (v0.1 puts the image features before the text), an assistant turn its text and the
+#: end-of-sequence token, straight after ``Answer:`` (v0.1's collator joins ``f"{question}{answer}"``).
+V01_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    f"{{{{ '{IMAGE_PLACEHOLDER}' * message['content'].count('{IMAGE_PLACEHOLDER}') }}}}"
+    f"Question: {{{{ message['content'].replace('{IMAGE_PLACEHOLDER}', '') }}}} Answer:"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ message['content'] }}{{ eos_token }}"
+    "{%- else -%}"
+    "{{ raise_exception('nanoVLM v0.1 was trained on questions and answers only, not on ' + message['role'] + ' turns') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def is_nanovlm_config(hf: dict[str, Any]) -> bool:
@@ -68,16 +86,16 @@ def vision_config(hf: dict[str, Any]) -> SiglipConfig:
     )
 
 
-def text_config(hf: dict[str, Any], tokenizer: Tokenizer) -> LlamaConfig:
+def text_config(hf: dict[str, Any], tokenizer: Tokenizer | None) -> LlamaConfig:
+    """The decoder; its special ids from ``config.json``, else the tokenizer's (None: ``config.json``'s only)."""
     require(hf, "lm_attn_scaling", 1.0, family="nanovlm")
-    heads = hf["lm_n_heads"]
-    eos = hf.get("lm_eos_token_id", tokenizer.eos_token_id)
+    eos = hf.get("lm_eos_token_id", None if tokenizer is None else tokenizer.eos_token_id)
     return LlamaConfig(
         vocab_size=hf["lm_vocab_size"],
         hidden_size=hf["lm_hidden_dim"],
         intermediate_size=hf["lm_inter_dim"],
         num_layers=hf["lm_n_blocks"],
-        num_heads=heads,
+        num_heads=hf["lm_n_heads"],
         num_kv_heads=hf["lm_n_kv_heads"],
         rms_norm_eps=hf["lm_rms_eps"],
         hidden_act="silu",
@@ -85,7 +103,7 @@ def text_config(hf: dict[str, Any], tokenizer: Tokenizer) -> LlamaConfig:
         max_position_embeddings=hf.get("lm_max_position_embeddings", 8192),
         rope=RopeConfig(theta=float(hf["lm_re_base"])),
         eos_token_ids=[] if eos is None else [eos],
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=None if tokenizer is None else tokenizer.pad_token_id,
     )
 
 
@@ -132,8 +150,10 @@ def read_tokenizer(hf: dict[str, Any]) -> Tokenizer:
     return Tokenizer.from_folder(tokenizer_source(name).tokenizer_folder())
 
 
-def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig:
-    """The `VLMConfig` of a nanoVLM ``config.json``; adds the v0.1 placeholder to ``tokenizer``."""
+def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer | None) -> VLMConfig:
+    """The `VLMConfig` of a nanoVLM ``config.json``; adds the image token (v0.1: the placeholder) to
+    ``tokenizer`` and sets its chat template. Without a tokenizer (`read_config`), the ids only it knows (the
+    image token's, a pad id) are unknown: -1 and None."""
     extra = hf.get("vlm_extra_tokens")
     if extra is not None and set(extra) != {"image_token"}:
         raise ConfigError(
@@ -149,29 +169,26 @@ def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer) -> VLMConfig
     per_image = (grid // factor) ** 2
     if hf.get("mp_image_token_length", per_image) != per_image:
         raise ConfigError(f"{name}: mp_image_token_length {hf['mp_image_token_length']} but the projector gives {per_image}")
-    if extra is None:
-        image_token = V01_IMAGE_TOKEN
-        tokenizer.add_special_tokens([image_token])
-        tokenizer.chat_template = None  # v0.1 prompts are plain text
-    else:
-        image_token = extra["image_token"]
-        tokenizer.add_special_tokens([image_token])
-        tokenizer.chat_template = hf.get("lm_chat_template", tokenizer.chat_template)
-        if tokenizer.token_to_id(image_token) >= text.vocab_size:
+    image_token = V01_IMAGE_TOKEN if extra is None else extra["image_token"]
+    image_token_id = -1
+    if tokenizer is not None:
+        (image_token_id,) = tokenizer.add_special_tokens([image_token])
+        tokenizer.chat_template = V01_CHAT_TEMPLATE if extra is None else hf.get("lm_chat_template", tokenizer.chat_template)
+        if extra is not None and image_token_id >= text.vocab_size:
             raise ConfigError(f"{name}: {image_token!r} has no embedding row (lm_vocab_size {text.vocab_size})")
     projector = PixelShuffleConfig(head="linear", bias=False, factor=factor, in_dim=vision.hidden_size, out_dim=text.hidden_size)
     parts = BuiltParts(
         encoder=PartRecord(family_name="siglip", config=vision.model_dump(mode="json")),
         decoder=PartRecord(family_name="llama", config=text.model_dump(mode="json")),
         projector=PartRecord(family_name="pixel-shuffle", config=projector.model_dump(mode="json")),
-        image_token_id=tokenizer.token_to_id(image_token),
+        image_token_id=image_token_id,
     )
     return VLMConfig(
         encoder=name,
         decoder=name,
         projector="pixel-shuffle-linear",
         projector_kwargs={"factor": factor},
-        image_tokens=ImageTokenConfig(image_token=image_token, split_images=False, rescale_only=True),
+        image_tokens=ImageTokenConfig(layout="nanovlm", image_token=image_token, split_images=False, rescale_only=True),
         parts=parts,
     )
 
@@ -183,6 +200,11 @@ def read(source: Source) -> tuple[VLMConfig, Tokenizer]:
     return vlm_config(hf, source.name, tokenizer), tokenizer
 
 
+def read_config(hf: dict[str, Any], name: str) -> VLMConfig:
+    """The architecture in ``config.json`` alone, without fetching the tokenizer it names."""
+    return vlm_config(hf, name, None)
+
+
 register_family(
     Family(
         name="nanovlm",
@@ -192,6 +214,7 @@ register_family(
         key_map=key_map,
         detect=is_nanovlm_config,
         read=read,
+        read_config=read_config,
         describes="nanoVLM's flat config.json (vit_* / lm_* fields)",
     )
 )
@@ -218,7 +241,8 @@ def _zoo_config_222m() -> VLMConfig:
     )
     name = "hf-hub:lusxvr/nanoVLM-222M"
     return VLMConfig(encoder=name, decoder=name, projector="pixel-shuffle-linear", projector_kwargs={"factor": 2},
-                     image_tokens=ImageTokenConfig(image_token=V01_IMAGE_TOKEN, rescale_only=True), parts=parts)  # fmt: skip
+                     image_tokens=ImageTokenConfig(layout="nanovlm", image_token=V01_IMAGE_TOKEN, rescale_only=True),
+                     parts=parts)  # fmt: skip
 
 
 register_model(
@@ -228,6 +252,6 @@ register_model(
     hub_repo="lusxvr/nanoVLM-222M",
     license="mit",
     description="nanoVLM-222M as published (v0.1): SigLIP-B/16-224 + SmolLM2-135M, 49 image tokens; trained. "
-    'Prompt as nanoVLM did: "Question: ... Answer:"',
+    'A string prompt is the question, written as v0.1 was trained: "Question: ... Answer:"',
     trained=True,
 )

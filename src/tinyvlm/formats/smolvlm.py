@@ -90,16 +90,16 @@ def key_map(config: VLMConfig) -> KeyMap:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
-    """The `VLMConfig` of a SmolVLM checkpoint: its ``config.json``, ``preprocessor_config.json`` (image
-    splitting), ``processor_config.json`` (``image_seq_len``) and ``generation_config.json`` (stop ids),
-    checked against each other."""
-    hf, name = source.config_json(), source.name
+def vlm_config(
+    hf: dict[str, Any], name: str, *, processor: dict[str, Any], pre: dict[str, Any], stops: int | list[int] | None,
+    tokenizer: Tokenizer | None,
+) -> VLMConfig:
+    """The `VLMConfig` of a SmolVLM checkpoint, checked against each other: ``config.json`` (``hf``), the
+    processor settings (``processor_config.json``: ``image_seq_len``; ``pre``, the image processor's: image
+    splitting), the stop ids (``generation_config.json``'s ``eos_token_id``) and the tokenizer (the image
+    tokens' ids). Processor settings not given are those that fit the tower (SmolVLM's: tiles of its image size,
+    images resized to four tiles and split); without a tokenizer the marker ids are unknown (none listed)."""
     vision, text = vision_config(hf), text_config(hf)
-    processor = source.json("processor_config.json")
-    # The Hub repos ship preprocessor_config.json; transformers 5's processor.save_pretrained nests the image
-    # processor's settings in processor_config.json instead (and writes no preprocessor_config.json).
-    pre = source.json("preprocessor_config.json") or processor.get("image_processor") or {}
     tile = (pre.get("max_image_size") or {}).get("longest_edge", vision.image_size)
     problems = []
     if tile != vision.image_size:
@@ -118,11 +118,12 @@ def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
     seq_len = processor.get("image_seq_len", (grid // scale) ** 2)
     if seq_len != (grid // scale) ** 2:
         problems.append(f"image_seq_len {seq_len} but the connector gives {(grid // scale) ** 2} features per tile")
-    if tokenizer.token_to_id(IMAGE_TOKEN) != hf.get("image_token_id"):
-        problems.append(f"image_token_id {hf.get('image_token_id')} is not the tokenizer's {IMAGE_TOKEN!r}")
+    if "image_token_id" not in hf:
+        problems.append("config.json has no image_token_id")
+    elif tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) != hf["image_token_id"]:
+        problems.append(f"image_token_id {hf['image_token_id']} is not the tokenizer's {IMAGE_TOKEN!r}")
     if problems:
         raise ConfigError(f"{name}: unsupported SmolVLM settings: {'; '.join(problems)}")
-    stops = source.json("generation_config.json").get("eos_token_id")
     if stops is not None:  # transformers' generate stops on generation_config.json's ids (<end_of_utterance>)
         text = text.replace(eos_token_ids=[stops] if isinstance(stops, int) else list(stops))
     resize = pre.get("size", {}).get("longest_edge", 4 * tile) if pre.get("do_resize", True) else None
@@ -136,7 +137,7 @@ def vlm_config(source: Source, tokenizer: Tokenizer) -> VLMConfig:
         resize_longest_edge=resize,
     )
     projector = PixelShuffleConfig(head="linear", bias=False, factor=scale, in_dim=vision.hidden_size, out_dim=text.hidden_size)
-    marker_ids = [tokenizer.token_to_id(token) for token in tokens.marker_tokens()]
+    marker_ids = [] if tokenizer is None else [tokenizer.token_to_id(token) for token in tokens.marker_tokens()]
     if None in marker_ids:
         raise ConfigError(f"{name}: the tokenizer lacks SmolVLM's image tokens {tokens.marker_tokens()}")
     parts = BuiltParts(
@@ -166,7 +167,18 @@ def read(source: Source) -> tuple[VLMConfig, Tokenizer]:
     if template is not None and not takes_string_contents(tokenizer, template):
         template = CHAT_TEMPLATE
     tokenizer.chat_template = template
-    return vlm_config(source, tokenizer), tokenizer
+    processor = source.json("processor_config.json")
+    # The Hub repos ship preprocessor_config.json; transformers 5's processor.save_pretrained nests the image
+    # processor's settings in processor_config.json instead (and writes no preprocessor_config.json).
+    pre = source.json("preprocessor_config.json") or processor.get("image_processor") or {}
+    stops = source.json("generation_config.json").get("eos_token_id")
+    config = vlm_config(source.config_json(), source.name, processor=processor, pre=pre, stops=stops, tokenizer=tokenizer)
+    return config, tokenizer
+
+
+def read_config(hf: dict[str, Any], name: str) -> VLMConfig:
+    """The architecture in ``config.json`` alone (processing at Idefics3's defaults, no tokenizer)."""
+    return vlm_config(hf, name, processor={}, pre={}, stops=None, tokenizer=None)
 
 
 def takes_string_contents(tokenizer: Tokenizer, template: str) -> bool:
@@ -189,6 +201,7 @@ register_family(
         key_map=key_map,
         hf_model_types=MODEL_TYPES,
         read=read,
+        read_config=read_config,
     )
 )
 

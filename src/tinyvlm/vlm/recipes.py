@@ -7,6 +7,8 @@ module's own names.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tinyvlm.errors import ConfigError
 from tinyvlm.registry import Family, register_family, register_model
 from tinyvlm.sources import Source
@@ -17,12 +19,19 @@ from tinyvlm.vlm.model import VLM, assemble
 from tinyvlm.weights import KeyMap
 
 
-def read_tinyvlm(source: Source) -> tuple[VLMConfig, Tokenizer]:
-    """tinyvlm's own layout (`VLM.save_pretrained`): ``config.json`` is the `VLMConfig`; the tokenizer's
-    image-token ids must be those it records."""
-    config = VLMConfig.from_hf(source.config_json())
+def read_config(hf: dict[str, Any], name: str) -> VLMConfig:
+    """tinyvlm's own layout (`VLM.save_pretrained`): ``config.json`` is the `VLMConfig`, parts included."""
+    config = VLMConfig.from_hf(hf)
     if config.parts is None:
-        raise ConfigError(f"{source.name}: config.json is a recipe, not a saved model; build it with tinyvlm.build_vlm")
+        raise ConfigError(f"{name}: config.json is a recipe, not a saved model; build it with tinyvlm.build_vlm")
+    return config
+
+
+def read_tinyvlm(source: Source) -> tuple[VLMConfig, Tokenizer]:
+    """tinyvlm's own layout: the config (`read_config`) and the tokenizer, whose image-token ids must be those
+    the config records."""
+    config = read_config(source.config_json(), source.name)
+    assert config.parts is not None
     tokenizer = Tokenizer.from_folder(source.tokenizer_folder())
     tokens = config.image_tokens
     found = [tokenizer.token_to_id(t) for t in [*tokens.marker_tokens(), tokens.image_token]]
@@ -46,6 +55,7 @@ register_family(
         key_map=key_map,
         hf_model_types=(MODEL_TYPE,),
         read=read_tinyvlm,
+        read_config=read_config,
     )
 )
 
