@@ -51,7 +51,9 @@ LIMITS = ServeConfig(
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    vlm = build_vlm("test-siglip", "test-llama", pretrained=False, projector_kwargs={"factor": 2})
+    # the expectations below (an answer that ends after 4 tokens, ...) are this random draw's
+    vlm = build_vlm("test-siglip", "test-llama", "pixel-shuffle-mlp", pretrained=False, projector_kwargs={"factor": 2},
+                    processor_kwargs={"token_layout": "nanovlm"})
     with torch.no_grad():
         for name, p in vlm.named_parameters():
             if p.dim() == 1:

@@ -165,10 +165,9 @@ def test_frozen_parts_do_not_change(data: Path, tmp_path: Path) -> None:
     initial = build_model(make_config(**options), torch.device("cpu")).state_dict()
     trained = weights(result.model_dir)
     changed = {name for name, tensor in trained.items() if not torch.equal(tensor, initial[name])}
-    assert changed == {name for name in trained if name.startswith("projector.")}
-    assert len(changed) >= 2
+    assert changed == {name for name in trained if name.startswith("projector.")} == {"projector.proj.weight"}
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [2, 2] and set(log[0]["lr"]) == {"projector", "projector.no_decay"}
+    assert [entry["step"] for entry in log] == [2, 2] and set(log[0]["lr"]) == {"projector"}  # one bias-free Linear
     assert 0 <= log[1]["val_accuracy"] <= 1 and log[1]["val_answered"] == 2
     loaded = tinyvlm.load_vlm(f"local-dir:{result.model_dir}")
     assert isinstance(loaded.generate("What colour is the shape?", images=[data.parent / "images/00000.png"],
@@ -344,13 +343,13 @@ def test_killed_run_on_a_mix_of_streams_resumes_to_the_same_weights(cauldron: Pa
 
 
 def test_two_gloo_processes_stream_the_samples_of_one(cauldron: Path, tmp_path: Path) -> None:
-    # max_length 98 skips the rows after picture 9 and the two-turn ones: with one sample per process and
+    # max_length 101 skips the rows after picture 9 and the two-turn ones: with one sample per process and
     # micro-batch, a process whose sample is skipped still joins the all-reduce (the zero-weight filler), and
     # some steps skip every sample (the weights must then stay, in one process as in two)
     common = ["train", "--model", "test-vlm", "--data", str(cauldron), "--shuffle-block", "16", "--train", "all",
               "--max-steps", "6", "--grad-accum", "2", "--log-every", "1", "--checkpoint-every", "0",
               "--eval-samples", "2", "--no-progress", "--lr", "1e-3", "--val-data", str(cauldron), "--val-rows", "4",
-              "--max-length", "98"]
+              "--max-length", "101"]
     logs = two_processes_match_one(common, tmp_path, batch_size=1)
     assert logs["one"][-1]["val_answered"] == 2
     skipped = [[e["skipped"]["too_long"] for e in logs[run] if "loss" in e] for run in ("one", "two")]

@@ -49,11 +49,11 @@ from tinyvlm.inference.quantize import (
 from tinyvlm.inference.threads import fixed_threads
 from tinyvlm.interop.lora import load_adapter, read_adapter_config
 from tinyvlm.interop.transformers import save_hf_decoder, save_idefics3
-from tinyvlm.processing.tokens import ImageTokenConfig
+from tinyvlm.processing.tokens import ImageTokenConfig, default_token_layout
 from tinyvlm.registry import Family, Kind, family_for_config, get_family, get_spec, load_families, register_writer
 from tinyvlm.sources import Source, adapter_folder, resolve
 from tinyvlm.tokenizer import Tokenizer
-from tinyvlm.vlm.config import BuiltParts, VLMConfig
+from tinyvlm.vlm.config import DEFAULT_PROJECTOR, BuiltParts, VLMConfig
 from tinyvlm.vlm.model import VLM, fit_projector, projector_base, record
 from tinyvlm.weights import load_checkpoint
 
@@ -199,9 +199,13 @@ def build_vlm(
     quantize: str | None = None,
     threads: int | None = None,
 ) -> VLM:
-    """Join an ``encoder`` and a ``decoder`` through a new ``projector`` (default ``pixel-shuffle-mlp``), or
-    build a recipe: ``build_vlm(RECIPE)``, one zoo key of the ``vlm`` kind, whose options the keywords
-    override. Names are zoo keys, ``hf-hub:ORG/NAME[@REV]`` or ``local-dir:PATH`` (or their `Source`).
+    """Join an ``encoder`` and a ``decoder`` through a new ``projector``, or build a recipe:
+    ``build_vlm(RECIPE)``, one zoo key of the ``vlm`` kind, whose options the keywords override. Names are zoo
+    keys, ``hf-hub:ORG/NAME[@REV]`` or ``local-dir:PATH`` (or their `Source`). ``projector=None``: a pixel
+    shuffle and one Linear (``pixel-shuffle-linear``, nanoVLM's and SmolVLM's), with the image tokens in the
+    token layout transformers runs wherever the pair allows it (SmolVLM's for a SigLIP encoder and a
+    Llama-family decoder: such a model exports to Idefics3; nanoVLM's otherwise, `default_token_layout`);
+    ``processor_kwargs={"token_layout": ...}`` chooses another.
 
     ``pretrained`` loads the backbones' weights (entries without weights are random-init); the projector is
     always freshly initialised. ``dtype=None`` keeps the checkpoints' dtypes (decoders bf16, encoders fp32)
@@ -274,7 +278,7 @@ def _assemble(
         config = VLMConfig(
             encoder=encoder_source.name,
             decoder=decoder_source.name,
-            projector=projector or "pixel-shuffle-mlp",
+            projector=projector or DEFAULT_PROJECTOR,
             encoder_kwargs=options.encoder,
             decoder_kwargs=options.decoder,
             projector_kwargs=options.projector,
@@ -284,6 +288,8 @@ def _assemble(
     parts: dict[str, Any] = dict(pretrained=pretrained, dtype=dtype, device=device)
     enc = _build_part("encoder", encoder_source, overrides=config.encoder_kwargs, **parts)
     dec = _build_part("decoder", decoder_source, overrides=config.decoder_kwargs, quantization=quantization, **parts)
+    layout = default_token_layout(enc.config.family, dec.config.family)
+    config = config.replace(image_tokens=config.image_tokens.resolved(layout))
     tokenizer = Tokenizer.from_folder(decoder_source.tokenizer_folder())  # the weights' commit
     with torch.device(device or "cpu"):
         proj = fit_projector(config, projector_base(config), enc, dec)

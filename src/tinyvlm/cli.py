@@ -233,7 +233,7 @@ def add_generate_parser(commands: argparse._SubParsersAction, *, with_flags: boo
     source.add_argument("--model", help="saved VLM folder, local-dir:PATH, hf-hub:ORG/NAME or a VLM recipe key")
     source.add_argument("--encoder", help="vision encoder name (with --decoder)")
     generate.add_argument("--decoder", help="language decoder name (with --encoder)")
-    generate.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-mlp)")
+    generate.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-linear: a pixel shuffle and one Linear)")
     generate.add_argument("--image", nargs="+", default=[], metavar="PATH", help="image file(s), in prompt order")
     generate.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
     generate.add_argument("--raw", action="store_true",
@@ -661,7 +661,7 @@ def add_serve_parser(commands: argparse._SubParsersAction, *, with_flags: bool) 
                             "clients ask for the model by this name")
         source.add_argument("--encoder", help="vision encoder name (with --decoder; the projector is untrained)")
         serve.add_argument("--decoder", help="language decoder name (with --encoder)")
-        serve.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-mlp)")
+        serve.add_argument("--projector", default=None, help="projector name (default pixel-shuffle-linear: a pixel shuffle and one Linear)")
         serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
         add_config_flags(serve, ServeConfig)
 

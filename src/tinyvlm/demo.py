@@ -62,10 +62,14 @@ def demo_tokenizer(records: list[Record]) -> Tokenizer:
 
 
 def build_demo_vlm(tokenizer: Tokenizer, seed: int) -> VLM:
-    """The ``test-vlm`` recipe (test-siglip + pixel shuffle 2 + MLP + test-llama), random init, with
-    ``tokenizer`` and the decoder's vocabulary sized to it."""
+    """test-siglip + pixel shuffle 2 + MLP + test-llama with nanoVLM's image tokens, random init, with
+    ``tokenizer`` and the decoder's vocabulary sized to it. (Not the one Linear of nanoVLM and SmolVLM, which the
+    default pair and ``test-vlm`` have: the demo's figures, and those of the benchmarks that train it, are this
+    model's.)"""
     torch.manual_seed(seed)
-    base = build_vlm("test-vlm", pretrained=False, dtype=torch.float32, decoder_kwargs={"vocab_size": len(tokenizer)})
+    base = build_vlm("test-siglip", "test-llama", "pixel-shuffle-mlp", pretrained=False, dtype=torch.float32,
+                     projector_kwargs={"factor": 2}, decoder_kwargs={"vocab_size": len(tokenizer)},
+                     processor_kwargs={"token_layout": "nanovlm"})
     # build_vlm joined test-llama's shipped tokenizer; swap in ours, with the image token added to it.
     (image_token_id,) = tokenizer.add_special_tokens([base.config.image_tokens.image_token])
     config = base.config.replace(parts=base.config.parts.replace(image_token_id=image_token_id))

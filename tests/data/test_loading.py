@@ -29,7 +29,7 @@ def record(i: int, size: tuple[int, int] = (40, 40), answer: str = "red") -> Rec
 
 @pytest.fixture(scope="module")
 def split_vlm():
-    return tinyvlm.build_vlm("test-vlm", processor_kwargs={"split_images": True, "max_grid": 2})
+    return tinyvlm.build_vlm("test-vlm", processor_kwargs={"split_images": True, "max_grid": 2, "token_layout": "nanovlm"})
 
 
 def test_a_row_is_encoded_as_the_processor_encodes_its_prompt_at_inference(split_vlm) -> None:

@@ -81,8 +81,9 @@ def test_lora_trains_saves_and_loads_on_a_quantized_base(base: Path, tmp_path: P
     q = quantized(fp)
     ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        before = q(ids).logits
-    assert not torch.equal(before, fp(ids).logits)  # really quantized
+        before, unquantized = q(ids).logits, fp(ids).logits
+    assert not torch.equal(before, unquantized)  # really quantized
+    rounding = ((before - unquantized).abs().max() / unquantized.abs().max()).item()
     add_lora(q, LoraSettings(rank=4, targets=("q", "v", "down")))
     layers = lora_layers(q)
     assert len(layers) == 3 * q.decoder.config.num_layers
@@ -119,8 +120,10 @@ def test_lora_trains_saves_and_loads_on_a_quantized_base(base: Path, tmp_path: P
     merged = merge_adapter(tinyvlm.load_vlm(base, adapter=folder))
     with torch.no_grad():
         full = merged(ids).logits
-    assert not torch.equal(full, fp(ids).logits)
-    assert ((full - trained).abs().max() / trained.abs().max()).item() < 0.05  # only the int8 rounding differs
+    assert not torch.equal(full, unquantized)
+    error = ((full - trained).abs().max() / trained.abs().max()).item()
+    print(f"QLoRA against its merge into the fp base: {error:.3f}; int8 rounding alone: {rounding:.3f}")
+    assert error < 1.5 * rounding  # only the int8 rounding differs
 
 
 def test_quantized_weights_do_not_export(base: Path, tmp_path: Path) -> None:

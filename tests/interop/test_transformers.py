@@ -253,7 +253,8 @@ def test_what_cannot_export_is_a_config_error(tmp_path: Path) -> None:
         "Gemma-3": (dict(decoder="test-gemma3", projector="pixel-shuffle-linear", processor_kwargs=SMOLVLM_TOKENS),
                     "gemma3 decoder is not a Llama"),
         "MLP projector": (dict(processor_kwargs=SMOLVLM_TOKENS), "is not pixel-shuffle-linear"),
-        "nanoVLM layout": (dict(projector="pixel-shuffle-linear"), "nanovlm token layout .* Idefics3Processor cannot write"),
+        "nanoVLM layout": (dict(projector="pixel-shuffle-linear", processor_kwargs=dict(token_layout="nanovlm")),
+                           "nanovlm token layout .* Idefics3Processor cannot write: build the VLM with processor_kwargs"),
     }
     for what, (options, message) in cases.items():
         options = {"encoder": "test-siglip", "decoder": "test-llama", "projector": "pixel-shuffle-mlp", **options}
@@ -261,8 +262,8 @@ def test_what_cannot_export_is_a_config_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=message):
             save_idefics3(vlm, tmp_path / what)
         assert not (tmp_path / what).exists()
-    with pytest.raises(ConfigError, match="smolvlm token layout writes SmolVLM's token strings"):
-        tinyvlm.build_vlm("test-siglip", "test-llama", processor_kwargs=dict(token_layout="smolvlm"))
+    with pytest.raises(ConfigError, match="smolvlm token layout writes SmolVLM's token strings .* token_layout='nanovlm'"):
+        tinyvlm.build_vlm("test-siglip", "test-llama", processor_kwargs=dict(image_token="<|image|>"))
 
     from tinyvlm.interop.lora import add_lora
     from tinyvlm.interop.lora_settings import LoraSettings

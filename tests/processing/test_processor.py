@@ -23,7 +23,7 @@ def make_processor(decoder: str = "test-llama", *, chat: bool = True, **tokens) 
     tokenizer = load_tokenizer(decoder)
     if not chat:
         tokenizer.chat_template = None
-    config = ImageTokenConfig(**tokens)
+    config = ImageTokenConfig(**tokens).resolved("nanovlm")  # the layout these tests read
     tokenizer.add_special_tokens([*config.marker_tokens(), config.image_token])
     eos = tokenizer.eos_token_id
     transform = ImageTransform(size=(S, S))

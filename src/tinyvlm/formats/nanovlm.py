@@ -188,7 +188,7 @@ def vlm_config(hf: dict[str, Any], name: str, tokenizer: Tokenizer | None) -> VL
         decoder=name,
         projector="pixel-shuffle-linear",
         projector_kwargs={"factor": factor},
-        image_tokens=ImageTokenConfig(layout="nanovlm", image_token=image_token, split_images=False, rescale_only=True),
+        image_tokens=ImageTokenConfig(image_token=image_token, rescale_only=True).resolved("nanovlm"),
         parts=parts,
     )
 
@@ -241,7 +241,7 @@ def _zoo_config_222m() -> VLMConfig:
     )
     name = "hf-hub:lusxvr/nanoVLM-222M"
     return VLMConfig(encoder=name, decoder=name, projector="pixel-shuffle-linear", projector_kwargs={"factor": 2},
-                     image_tokens=ImageTokenConfig(layout="nanovlm", image_token=V01_IMAGE_TOKEN, rescale_only=True),
+                     image_tokens=ImageTokenConfig(image_token=V01_IMAGE_TOKEN, rescale_only=True).resolved("nanovlm"),
                      parts=parts)  # fmt: skip
 
 

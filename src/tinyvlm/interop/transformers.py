@@ -6,9 +6,10 @@ SmolVLM read the result; tinyvlm reads it back (`tinyvlm.load_vlm`, `tinyvlm.bui
 a Llama-family decoder, the ``pixel-shuffle-linear`` projector (one bias-free Linear after the pixel shuffle,
 whose channel order is Idefics3's on square grids) and the ``smolvlm`` image-token layout (tiles first, each
 view wrapped in ``<fake_token_around_image>``, the global view last), which is the only one
-``Idefics3Processor`` writes. Every VLM read from a SmolVLM / Idefics3 checkpoint qualifies. Anything else is
-a `ConfigError` naming each reason: a DINOv3 encoder (CLS and register tokens, RoPE, layer scale: not
-Idefics3's vision tower), a Gemma-3 decoder (Idefics3's text model is a Llama in vLLM), an MLP or biased
+``Idefics3Processor`` writes. Every VLM read from a SmolVLM / Idefics3 checkpoint qualifies, and so does every
+SigLIP + Llama pair `tinyvlm.build_vlm` assembles with its defaults (pixel-shuffle-linear and SmolVLM's token
+layout). Anything else is a `ConfigError` naming each reason: a DINOv3 encoder (CLS and register tokens,
+RoPE, layer scale: not Idefics3's vision tower), a Gemma-3 decoder (Idefics3's text model is a Llama in vLLM), an MLP or biased
 projector (Idefics3's connector is one bias-free Linear), nanoVLM's token layout (``<|image|>`` runs with the
 global view first, which ``Idefics3Processor`` cannot produce), a LoRA adapter (merge it first).
 
@@ -85,10 +86,16 @@ def processor_chat_template(template: str) -> str:
 
 
 def idefics3_problems(vlm: VLM) -> list[str]:
-    """Why ``vlm`` cannot be written as an Idefics3 model (empty when it can)."""
+    """Why ``vlm`` cannot be written as an Idefics3 model now (empty when it can)."""
+    return weight_problems(vlm) + architecture_problems(vlm)
+
+
+def architecture_problems(vlm: VLM) -> list[str]:
+    """Why no model of ``vlm``'s architecture can be written as an Idefics3 model, however it is trained
+    (`tinyvlm train` says so when it starts); empty when it can."""
     parts, tokens = vlm.config.parts, vlm.config.image_tokens
     assert parts is not None
-    problems = weight_problems(vlm)
+    problems = []
     if parts.encoder.family_name != "siglip":
         problems.append(f"its {parts.encoder.family_name} encoder is not SigLIP, Idefics3's vision tower (DINOv3 has "
                         "CLS and register tokens, RoPE and layer scale)")
@@ -100,10 +107,10 @@ def idefics3_problems(vlm: VLM) -> list[str]:
         problems.append(f"its projector (head {projector.get('head')!r}, bias {projector.get('bias')}) is not "
                         "pixel-shuffle-linear: Idefics3's connector is a pixel shuffle and one bias-free Linear")
     if tokens.token_layout != "smolvlm":
-        problems.append(f"its image tokens use the {tokens.token_layout} token layout ({tokens.image_token!r} runs, the global "
-                        "view first), which Idefics3Processor cannot write: build the VLM with processor_kwargs="
-                        "{'token_layout': 'smolvlm', 'image_token': '<image>', 'global_image_token': '<global-img>'} to "
-                        "export it")
+        fix = ("" if problems else ": build the VLM with processor_kwargs={'token_layout': 'smolvlm'} (tinyvlm train: "
+               "--image-token-layout smolvlm) to export it")
+        problems.append(f"its image tokens use the {tokens.token_layout} token layout ({tokens.image_token!r} runs, "
+                        f"the global view first), which Idefics3Processor cannot write{fix}")
     grid = vlm.image_grid
     if grid[0] != grid[1]:
         problems.append(f"its encoder's {grid[0]}x{grid[1]} patch grid is not square (Idefics3 shuffles square grids)")

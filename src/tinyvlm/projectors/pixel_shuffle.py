@@ -167,14 +167,14 @@ register_model(
     family="pixel-shuffle",
     config=PixelShuffleConfig(head="linear", bias=False),
     license="apache-2.0",
-    description="Pixel shuffle then one bias-free Linear: the nanoVLM / SmolVLM connector",
+    description="Pixel shuffle then one bias-free Linear: the nanoVLM / SmolVLM connector (the default projector)",
 )
 register_model(
     "pixel-shuffle-mlp",
     family="pixel-shuffle",
     config=PixelShuffleConfig(head="mlp"),
     license="apache-2.0",
-    description="Pixel shuffle then a 2-layer GELU MLP (the default projector)",
+    description="Pixel shuffle then a 2-layer GELU MLP (does not export to transformers)",
 )
 register_model(
     "mlp",

@@ -74,7 +74,12 @@ class ModelSection(Options):
                              "folder or a trained VLM", json_schema_extra=names("model"))
     encoder: str | None = Field(None, description="vision encoder name (with --decoder)")
     decoder: str | None = Field(None, description="language decoder name (with --encoder)")
-    projector: str | None = Field(None, description="projector name, with encoder + decoder (default pixel-shuffle-mlp)")
+    projector: str | None = Field(None, description="projector name, with encoder + decoder (default "
+                                  "pixel-shuffle-linear: the seed's pixel shuffle and one Linear)")
+    image_token_layout: Literal["nanovlm", "smolvlm"] | None = Field(
+        None, description="how images become tokens, with encoder + decoder: smolvlm (SmolVLM's, which transformers' "
+        "Idefics3Processor writes) or nanovlm (default: smolvlm for a SigLIP encoder and a Llama-family decoder, "
+        "whose models export to transformers; nanovlm otherwise)")
     pretrained: bool = Field(True, description="load the parts' pretrained weights (recipes and pairs only)")
     train: tuple[Part, ...] = Field(("projector",), description="parts trained in full: projector, all, a comma "
                                     "list like projector,decoder, or none (with LoRA)")
@@ -101,6 +106,8 @@ class ModelSection(Options):
             raise ValueError("give model (a VLM recipe or folder), or both encoder and decoder")
         if self.name is not None and self.projector is not None:
             raise ValueError("projector goes with encoder + decoder; a model (recipe or folder) has its own")
+        if self.name is not None and self.image_token_layout is not None:
+            raise ValueError("image_token_layout goes with encoder + decoder; a model (recipe or folder) has its own")
         return self
 
 

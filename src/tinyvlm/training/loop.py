@@ -44,6 +44,7 @@ from tinyvlm.errors import ConfigError
 from tinyvlm.inference.prepare import prepare_for_training
 from tinyvlm.inference.threads import StepSize, ThreadTuner, fixed_threads
 from tinyvlm.interop.lora import add_lora, rebuildable_base, save_adapter
+from tinyvlm.interop.transformers import architecture_problems
 from tinyvlm.sources import RUN_ADAPTER as ADAPTER, RUN_METRICS as METRICS, RUN_MODEL as FINAL, resolve  # a run's layout
 from tinyvlm.training.checkpoints import (
     CHECKPOINTS, check_extends, check_resumable, checkpoint_dirs, load_checkpoint, read_data_position, save_checkpoint,
@@ -94,7 +95,8 @@ def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
         base, revision = rebuildable_base(source, pretrained=chosen.pretrained, full_parts=chosen.train)
     options: dict[str, Any] = dict(dtype=torch.float32, device=device, quantize=config.runtime.quantize)
     if source is None:
-        vlm = build_vlm(chosen.encoder, chosen.decoder, chosen.projector, pretrained=chosen.pretrained, **options)
+        vlm = build_vlm(chosen.encoder, chosen.decoder, chosen.projector, pretrained=chosen.pretrained,
+                        processor_kwargs={"token_layout": chosen.image_token_layout}, **options)
     elif source.has_files:
         vlm = load_vlm(source, **options)
     else:
@@ -263,6 +265,9 @@ def _run(config: TrainConfig, processes: Processes, cleanup: contextlib.ExitStac
     opened = open_data(config)
     strategy = make_strategy(runtime.strategy, processes)
     vlm = build_model(config, strategy.build_device)
+    unexportable = architecture_problems(vlm)
+    if unexportable:  # said now, not when `tinyvlm export` refuses the trained model
+        progress.result("this model will not export to transformers: " + "; ".join(unexportable))
     settings = config.resolved(vlm.config.training, vlm.decoder.config.max_position_embeddings)
     lora = config.lora_settings
     freeze(vlm, config.model.train, lora.parts if lora is not None else ())

@@ -15,6 +15,9 @@ from pydantic import Field, field_validator, model_validator
 from tinyvlm.config import Config, QuantizationConfig
 from tinyvlm.processing.tokens import ImageTokenConfig
 
+#: The default projector: nanoVLM's and SmolVLM's connector (a pixel shuffle and one bias-free Linear).
+DEFAULT_PROJECTOR = "pixel-shuffle-linear"
+
 #: Version of the config.json written by `VLM.save_pretrained` (2: ``image_tokens.token_layout``, which
 #: version 1 called ``layout``).
 SCHEMA_VERSION = 2
@@ -72,7 +75,7 @@ class VLMConfig(Config):
     schema_version: int = SCHEMA_VERSION
     encoder: str
     decoder: str
-    projector: str = "pixel-shuffle-mlp"
+    projector: str = DEFAULT_PROJECTOR
     encoder_kwargs: dict[str, Any] = {}
     decoder_kwargs: dict[str, Any] = {}
     projector_kwargs: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tinyvlm.errors import ConfigError, DataError
 from tinyvlm.generation import SamplingConfig, TextStream, generate_tokens, stop_ids
 from tinyvlm.processing.processor import IGNORE_INDEX, Processor, is_single_prompt
+from tinyvlm.processing.tokens import default_token_layout
 from tinyvlm.projectors.pixel_shuffle import PixelShuffleConfig, check_factor, default_factor
 from tinyvlm.registry import get_config, get_family, get_writer
 from tinyvlm.vlm import files
@@ -312,6 +313,8 @@ def assemble(config: VLMConfig) -> VLM:
         return VLM(config, encoder, projector, decoder)
     encoder = _zoo_part(config.encoder, "encoder", config.encoder_kwargs)
     decoder = _zoo_part(config.decoder, "decoder", config.decoder_kwargs)
+    tokens = config.image_tokens.resolved(default_token_layout(encoder.config.family, decoder.config.family))
+    config = config.replace(image_tokens=tokens)
     projector = fit_projector(config, projector_base(config), encoder, decoder)
     parts = BuiltParts(
         encoder=record(encoder, None),

@@ -66,10 +66,12 @@ register_model(
     "nanovlm-222m",
     family="vlm",
     config=VLMConfig(
-        encoder="siglip-b16-224", decoder="smollm2-135m", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2}
+        encoder="siglip-b16-224", decoder="smollm2-135m", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2},
+        image_tokens=ImageTokenConfig(token_layout="nanovlm"),
     ),
     license="apache-2.0",
-    description="nanoVLM-222M recipe: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle 2 + Linear (49 tokens)",
+    description="nanoVLM-222M recipe: SigLIP-B/16-224 + SmolLM2-135M, pixel shuffle 2 + Linear (49 tokens), "
+    "nanoVLM's token layout (does not export to transformers)",
 )
 register_model(
     "nanovlm-460m",
@@ -79,16 +81,18 @@ register_model(
         decoder="smollm2-360m-instruct",
         projector="pixel-shuffle-linear",
         projector_kwargs={"factor": 4},
-        image_tokens=ImageTokenConfig(split_images=True, max_grid=4),
+        image_tokens=ImageTokenConfig(token_layout="nanovlm", split_images=True, max_grid=4),
     ),
     license="apache-2.0",
-    description="nanoVLM-460M recipe: SigLIP2-B/16-512 + SmolLM2-360M-Instruct, shuffle 4 + Linear, 4x4 tiles",
+    description="nanoVLM-460M recipe: SigLIP2-B/16-512 + SmolLM2-360M-Instruct, shuffle 4 + Linear, 4x4 tiles, "
+    "nanoVLM's token layout (does not export to transformers)",
 )
 register_model(
     "dinov3-gemma3-270m",
     family="vlm",
     config=VLMConfig(
-        encoder="dinov3-vits16plus", decoder="gemma-3-270m-it", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2}
+        encoder="dinov3-vits16plus", decoder="gemma-3-270m-it", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2},
+        image_tokens=ImageTokenConfig(token_layout="nanovlm"),
     ),
     license="dinov3-license + gemma",
     description="DINOv3 ViT-S/16+ + Gemma-3-270M-it, pixel shuffle 2 + Linear (the nanoVLM fork's preset; both parts gated)",
@@ -96,7 +100,11 @@ register_model(
 register_model(
     "test-vlm",
     family="vlm",
-    config=VLMConfig(encoder="test-siglip", decoder="test-llama", projector_kwargs={"factor": 2}),
+    config=VLMConfig(
+        encoder="test-siglip", decoder="test-llama", projector="pixel-shuffle-linear", projector_kwargs={"factor": 2},
+        image_tokens=ImageTokenConfig(token_layout="smolvlm"),
+    ),
     license="apache-2.0",
-    description="tiny random-init VLM (test-siglip + test-llama, shuffle 2 + MLP) for tests and demos",
+    description="tiny random-init VLM for tests: test-siglip + test-llama, pixel shuffle 2 + Linear, SmolVLM's "
+    "token layout (the seed's; exports to transformers)",
 )
