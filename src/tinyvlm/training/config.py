@@ -75,7 +75,7 @@ class ModelSection(Options):
     encoder: str | None = Field(None, description="vision encoder name (with --decoder)")
     decoder: str | None = Field(None, description="language decoder name (with --encoder)")
     projector: str | None = Field(None, description="projector name, with encoder + decoder (default "
-                                  "pixel-shuffle-linear: the seed's pixel shuffle and one Linear)")
+                                  "pixel-shuffle-linear: a pixel shuffle and one Linear, as nanoVLM and SmolVLM)")
     image_token_layout: Literal["nanovlm", "smolvlm"] | None = Field(
         None, description="how images become tokens, with encoder + decoder: smolvlm (SmolVLM's, which transformers' "
         "Idefics3Processor writes) or nanovlm (default: smolvlm for a SigLIP encoder and a Llama-family decoder, "

@@ -106,5 +106,5 @@ register_model(
     ),
     license="apache-2.0",
     description="tiny random-init VLM for tests: test-siglip + test-llama, pixel shuffle 2 + Linear, SmolVLM's "
-    "token layout (the seed's; exports to transformers)",
+    "token layout (the defaults of a SigLIP + Llama pair: exports to transformers)",
 )
