@@ -157,7 +157,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return root / "full", root / "lora", data.parent / "images" / "00000.png"
 
 
-def test_a_run_folder_names_its_final_model(runs, capsys: pytest.CaptureFixture) -> None:
+def test_a_run_folder_names_its_final_model(runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tinyvlm.cli import main
 
     run, _, image = runs
@@ -173,6 +173,8 @@ def test_a_run_folder_names_its_final_model(runs, capsys: pytest.CaptureFixture)
                      "--max-new-tokens", "3"]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1]
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "idefics3"
 
 
 def test_a_lora_run_folder_names_its_adapter(runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
