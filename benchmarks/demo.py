@@ -5,7 +5,7 @@ and the machine's load average (the accuracy is deterministic; the time is not).
     python benchmarks/demo.py [--steps 1200] [--seed 0] [--rounds 1] [--threads N]
 
 ``--threads`` (default 1, what ``tinyvlm demo`` uses) matters: another thread count sums the matrix products
-in another order, which after 1200 steps is another model (94.0 % with 2 threads, 92.7 % with 1).
+in another order, which after 1200 steps is another model (94.0 % with 2 threads, 92.7 % with 1, on the Intel Xeon of docs/training.md).
 
 README.md and docs/training.md ("The demo") quote its output.
 """

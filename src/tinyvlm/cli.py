@@ -613,7 +613,7 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--overwrite", action="store_true", help="replace the demo in --output (its data, init "
                       "and run) instead of refusing other settings or a folder that holds something else")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads, fixed for the whole run "
-                      "(default 1: the published figure, on any machine and load; another count is another model)")
+                      "(default 1: the published figures, the same at any load on one machine; another count is another model)")
     demo.set_defaults(handler=cmd_demo)
 
 

@@ -44,7 +44,8 @@ BATCH_SIZE = 32
 LEARNING_RATE = 1e-3
 VOCAB_SIZE = 512  # enough merges for every answer word to be one token
 VAL_FRACTION = 0.05
-#: One thread: the figure is the same on every machine and load (a 0.2M-parameter model gains little from more).
+#: One thread: the figure is the same at any load (a 0.2M-parameter model gains little from more); it still
+#: depends on the CPU's kernels (AVX2 or AVX-512 sum in other orders: docs/training.md, "The demo").
 THREADS = 1
 
 
