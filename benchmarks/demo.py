@@ -23,6 +23,15 @@ from tinyvlm.demo import IMAGES, STEPS, THREADS, run_demo
 from tinyvlm.evaluation.shapes import CHANCE
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s), which every published figure names."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -37,6 +46,7 @@ def main() -> None:
                                     progress=False, threads=args.threads))
     print(f"\n{IMAGES} images, {args.steps} steps, seed {args.seed}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} after the runs")
+    print(f"CPU: {cpu_model()}, torch's {torch.backends.cpu.get_cpu_capability()} kernels (the figure depends on them)")
     for result in results:
         kinds = ", ".join(f"{kind} {value:.1%}" for kind, value in result.per_kind.items())
         print(f"held-out exact match {result.accuracy:.1%} (chance {CHANCE:.1%}; {kinds}) in {result.seconds:.0f} s")
