@@ -59,7 +59,6 @@ from tinyvlm.training.tracking import check_installed, open_trackers
 from tinyvlm.vlm.files import save_vlm
 
 
-
 # ------------------------------------------------------------------------------------------------ schedule
 
 
