@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import tinyvlm
-from tinyvlm.api import open_vlm
 from tinyvlm.cli import main
 from tinyvlm.demo import make_shapes_dataset
 
@@ -93,7 +92,7 @@ def test_train_eval_lora_merge_export_serve_with_the_defaults(start: str, data: 
                                       batch["pixel_values"]), max_new_tokens=6)  # fmt: skip
     assert tokens.tolist() == ref_tokens.tolist()
 
-    served = open_vlm(str(merged)).prepare_for_inference()
+    served = tinyvlm.load_vlm(str(merged))  # what tinyvlm serve --model MERGED serves
     assert served_answer(served, image) == vlm.generate(QUESTION, [image], max_new_tokens=6)
 
 
