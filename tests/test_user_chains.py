@@ -102,7 +102,7 @@ def test_train_eval_lora_merge_export_serve_with_the_defaults(start: str, data: 
         (["--encoder", "test-dinov3", "--decoder", "test-gemma3"], ["dinov3 encoder is not SigLIP", "gemma3 decoder is not a Llama"]),
         (["--encoder", "test-siglip", "--decoder", "test-llama", "--projector", "pixel-shuffle-mlp"], ["is not pixel-shuffle-linear"]),
         (["--encoder", "test-siglip", "--decoder", "test-llama", "--image-token-layout", "nanovlm"],
-         ["nanovlm layout", "--image-token-layout smolvlm"]),
+         ["nanovlm token layout", "--image-token-layout smolvlm"]),
     ],
     ids=["dinov3+gemma3", "mlp-projector", "nanovlm-layout"],
 )

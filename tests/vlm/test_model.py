@@ -325,11 +325,11 @@ def test_push_to_hub_uploads_the_folder_and_a_model_card(hub, monkeypatch: pytes
 
 def test_image_splitting_grows_the_vocabulary_for_markers_only() -> None:
     vocab = tinyvlm.get_spec("test-llama").config.vocab_size
-    plain = make_vlm(processor_kwargs={"layout": "nanovlm"})
+    plain = make_vlm(processor_kwargs={"token_layout": "nanovlm"})
     assert plain.decoder.vocab_size == vocab  # <|image|> needs no row
     smolvlm = make_vlm()  # SmolVLM's layout, the pair's default: its wrap and global-view tokens are text
     assert smolvlm.decoder.vocab_size == vocab + 2 and smolvlm.image_token_id >= smolvlm.decoder.vocab_size
-    split = make_vlm(processor_kwargs={"layout": "nanovlm", "split_images": True, "max_grid": 2})
+    split = make_vlm(processor_kwargs={"token_layout": "nanovlm", "split_images": True, "max_grid": 2})
     markers = split.config.parts.marker_token_ids
     assert len(markers) == 1 + 4 and split.decoder.vocab_size == max(markers) + 1
     assert split.image_token_id >= split.decoder.vocab_size
